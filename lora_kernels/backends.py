@@ -1,0 +1,87 @@
+"""Backend choice, in one place.
+
+A backend name says which implementation computes LoRA:
+
+==========  ==============================================================================
+``auto``    ``triton`` for CUDA tensors, ``torch`` otherwise (the default)
+``torch``   plain torch ops (:mod:`lora_kernels.torch_backend`), any device
+``triton``  the Triton kernels, with the path (fused or hybrid) picked per shape by
+            :func:`choose_triton_path`
+``fused``   the Triton kernels, fused path (Triton GEMMs with LoRA epilogues)
+``hybrid``  the Triton kernels, hybrid path (cuBLAS GEMMs + Triton LoRA kernels)
+==========  ==============================================================================
+
+Precedence: the ``backend=`` argument, then the environment variable ``LORA_KERNELS_BACKEND``,
+then ``auto``. The Triton kernels run on CUDA tensors, or on CPU tensors under the Triton
+interpreter (``TRITON_INTERPRET=1``, used by the tests). Asking for Triton where it cannot run is
+an error, never a silent fallback. float64 is not a kernel dtype: ``auto`` routes it to ``torch``,
+an explicit Triton backend refuses it.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from ._triton_env import HAS_TRITON, is_interpreter
+
+BACKENDS = ("auto", "torch", "triton", "fused", "hybrid")
+ENV_VAR = "LORA_KERNELS_BACKEND"
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_warned_no_triton = False
+
+
+def requested_backend(backend: str | None) -> str:
+    """The backend asked for: the argument, else $LORA_KERNELS_BACKEND, else 'auto' (validated)."""
+    source = "backend"
+    if backend is None:
+        backend, source = os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def choose_triton_path(m: int, n: int, k: int, r: int, device: torch.device) -> str:
+    """Fused or hybrid for one shape (the rule that ``triton`` and ``auto`` use).
+
+    Provisional rule, not yet measured on a GPU: the hybrid path keeps cuBLAS's GEMMs, the
+    frozen-layer floor, and adds only memory-bound LoRA passes; an untuned Triton GEMM is not
+    expected to beat cuBLAS at large shapes. So: hybrid on CUDA, fused under the interpreter.
+    docs/benchmarks.md records the measurements this rule must be revised against.
+    """
+    if device.type != "cuda":
+        return "fused"
+    return "hybrid"
+
+
+def resolve_backend(backend: str | None, x: torch.Tensor, n: int, r: int) -> str:
+    """The concrete implementation for this call: 'torch', 'fused' or 'hybrid'."""
+    global _warned_no_triton
+    requested = requested_backend(backend)
+    if requested == "torch":
+        return "torch"
+    m, k = x.shape[0], x.shape[-1]
+    if requested == "auto":
+        if x.device.type != "cuda" or x.dtype not in KERNEL_DTYPES:
+            return "torch"
+        if not HAS_TRITON:
+            if not _warned_no_triton:
+                warnings.warn("lora_kernels: Triton is not installed, CUDA tensors use the (slower) torch "
+                              "backend. Install triton to get the fused kernels.", RuntimeWarning, stacklevel=3)
+                _warned_no_triton = True
+            return "torch"
+        return choose_triton_path(m, n, k, r, x.device)
+    # An explicit Triton backend: refuse what the kernels cannot do.
+    if not HAS_TRITON:
+        raise RuntimeError(f"backend={requested!r} needs Triton, which is not installed")
+    if x.device.type != "cuda" and not is_interpreter():
+        raise ValueError(f"backend={requested!r} runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); "
+                         f"x is on {x.device}")
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"backend={requested!r} supports dtypes {KERNEL_DTYPES}, x has {x.dtype}; "
+                        "use backend='torch' for other dtypes")
+    if requested == "triton":
+        return choose_triton_path(m, n, k, r, x.device)
+    return requested

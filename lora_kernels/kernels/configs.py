@@ -1,0 +1,131 @@
+"""Block sizes and autotune configs for every kernel, as data, in one place.
+
+Keyed on (M bucket, N, K, R): M changes with every batch, so it is rounded up to a power of two
+to avoid re-tuning at every new sequence length. Under the interpreter (and whenever
+``LORA_KERNELS_AUTOTUNE=0``) one fixed small config is used, so tests are reproducible and fast.
+
+These GPU lists are a starting point chosen from the usual Hopper GEMM tiles; they have not been
+tuned on a GPU yet (see docs/benchmarks.md for what was measured).
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+
+from .._triton_env import is_interpreter
+
+# One config per kernel for the interpreter: big enough to keep the interpreter fast (its cost is
+# per program and per loop step), small enough that test shapes of ~100 still span several blocks.
+INTERPRETER_CONFIG = {
+    "shrink": dict(BLOCK_P=32, BLOCK_Q=64),
+    "linear_fwd": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4),
+    "linear_bwd": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64),
+}
+
+# The fixed config used on a GPU when autotuning is switched off.
+GPU_FIXED_CONFIG = {
+    "shrink": triton.Config(dict(BLOCK_P=64, BLOCK_Q=64), num_warps=4, num_stages=3),
+    "linear_fwd": triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=8, num_stages=3),
+    "linear_bwd": triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), num_warps=4, num_stages=3),
+}
+
+_GPU_CONFIGS = {
+    "shrink": [
+        triton.Config(dict(BLOCK_P=bp, BLOCK_Q=bq), num_warps=w, num_stages=s)
+        for bp, bq, w, s in [(32, 128, 4, 4), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (16, 256, 4, 3)]
+    ],
+    "linear_fwd": [
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 256, 64, 8, 3),
+            (128, 128, 64, 8, 4),
+            (128, 128, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (128, 64, 64, 4, 4),
+            (64, 64, 64, 4, 4),
+        ]
+    ],
+    "linear_bwd": [
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 64, 128, 8, 3),
+            (128, 64, 64, 4, 4),
+            (64, 64, 128, 4, 3),
+            (64, 64, 64, 4, 4),
+            (64, 32, 64, 4, 4),
+        ]
+    ],
+}
+
+# Register budget: the rank-wide tiles (u·Bᵀ, v·A, the dA accumulator) grow with R, so big ranks
+# get smaller blocks on the other dims.
+_MAX_TILE_WITH_RANK = 128 * 256
+
+
+def _fits_rank(kind: str, cfg: triton.Config, block_r: int) -> bool:
+    kw = cfg.kwargs
+    if kind == "shrink":
+        return kw["BLOCK_P"] * block_r <= _MAX_TILE_WITH_RANK
+    if kind == "linear_fwd":
+        return max(kw["BLOCK_M"], kw["BLOCK_N"]) * block_r <= _MAX_TILE_WITH_RANK
+    return max(kw["BLOCK_M"], kw["BLOCK_K"]) * block_r <= _MAX_TILE_WITH_RANK
+
+
+def use_fixed_config() -> bool:
+    return is_interpreter() or os.environ.get("LORA_KERNELS_AUTOTUNE", "1") == "0"
+
+
+def fixed_config(kind: str) -> dict:
+    """Meta-parameters (block sizes, and num_warps/num_stages on a GPU) for the fixed config."""
+    if is_interpreter():
+        return dict(INTERPRETER_CONFIG[kind])
+    cfg = GPU_FIXED_CONFIG[kind]
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def autotune_configs(kind: str) -> list[triton.Config]:
+    return list(_GPU_CONFIGS[kind])
+
+
+def prune_by_rank(kind: str):
+    """A ``prune_configs_by`` hook dropping configs whose rank-wide tiles would not fit in registers."""
+
+    def prune(configs, named_args, **kwargs):
+        block_r = named_args.get("BLOCK_R", kwargs.get("BLOCK_R", 16))
+        kept = [c for c in configs if _fits_rank(kind, c, block_r)]
+        return kept or configs[-1:]
+
+    return prune
+
+
+def block_rank(r: int) -> int:
+    """The rank padded to a power of two >= 16 (tl.dot's minimum), inside the kernel only."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def m_bucket(m: int) -> int:
+    return triton.next_power_of_2(max(m, 1))
+
+
+def dot_fp32() -> bool:
+    """Upcast tl.dot operands under the interpreter (its bf16 dot is wrong, DESIGN.md §5)."""
+    return is_interpreter()
+
+
+def input_precision(dtype) -> str:
+    """'ieee' for fp32 unless the user enabled tf32 for matmuls (torch's own switch)."""
+    import torch
+
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def target_programs(device) -> int:
+    """How many programs a split-reduction launch aims for (two waves of SMs on a GPU)."""
+    import torch
+
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
