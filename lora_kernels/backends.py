@@ -14,8 +14,8 @@ A backend name says which implementation computes LoRA:
 Precedence: the ``backend=`` argument, then the environment variable ``LORA_KERNELS_BACKEND``,
 then ``auto``. The Triton kernels run on CUDA tensors, or on CPU tensors under the Triton
 interpreter (``TRITON_INTERPRET=1``, used by the tests). Asking for Triton where it cannot run is
-an error, never a silent fallback. float64 is not a kernel dtype: ``auto`` routes it to ``torch``,
-an explicit Triton backend refuses it.
+an error, never a silent fallback. float64 and ranks above 256 have no kernel: ``auto`` routes them to
+``torch`` (ranks: with a one-time warning), an explicit Triton backend refuses them.
 """
 from __future__ import annotations
 
@@ -29,8 +29,15 @@ from ._triton_env import HAS_TRITON, is_interpreter
 BACKENDS = ("auto", "torch", "triton", "fused", "hybrid")
 ENV_VAR = "LORA_KERNELS_BACKEND"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_KERNEL_RANK = 256  # rank-wide tiles live in registers; larger ranks use the torch backend
 
-_warned_no_triton = False
+_warned = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def requested_backend(backend: str | None) -> str:
@@ -58,7 +65,6 @@ def choose_triton_path(m: int, n: int, k: int, r: int, device: torch.device) -> 
 
 def resolve_backend(backend: str | None, x: torch.Tensor, n: int, r: int) -> str:
     """The concrete implementation for this call: 'torch', 'fused' or 'hybrid'."""
-    global _warned_no_triton
     requested = requested_backend(backend)
     if requested == "torch":
         return "torch"
@@ -67,10 +73,12 @@ def resolve_backend(backend: str | None, x: torch.Tensor, n: int, r: int) -> str
         if x.device.type != "cuda" or x.dtype not in KERNEL_DTYPES:
             return "torch"
         if not HAS_TRITON:
-            if not _warned_no_triton:
-                warnings.warn("lora_kernels: Triton is not installed, CUDA tensors use the (slower) torch "
-                              "backend. Install triton to get the fused kernels.", RuntimeWarning, stacklevel=3)
-                _warned_no_triton = True
+            _warn_once("no-triton", "lora_kernels: Triton is not installed, CUDA tensors use the (slower) "
+                       "torch backend. Install triton to get the fused kernels.")
+            return "torch"
+        if r > MAX_KERNEL_RANK:
+            _warn_once("rank", f"lora_kernels: rank {r} > {MAX_KERNEL_RANK} has no Triton kernel; "
+                       "using the (slower) torch backend")
             return "torch"
         return choose_triton_path(m, n, k, r, x.device)
     # An explicit Triton backend: refuse what the kernels cannot do.
@@ -82,6 +90,9 @@ def resolve_backend(backend: str | None, x: torch.Tensor, n: int, r: int) -> str
     if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"backend={requested!r} supports dtypes {KERNEL_DTYPES}, x has {x.dtype}; "
                         "use backend='torch' for other dtypes")
+    if r > MAX_KERNEL_RANK:
+        raise ValueError(f"backend={requested!r} supports ranks up to {MAX_KERNEL_RANK}, got rank {r}; "
+                         "use backend='torch' for larger ranks")
     if requested == "triton":
         return choose_triton_path(m, n, k, r, x.device)
     return requested

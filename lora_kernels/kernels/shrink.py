@@ -117,11 +117,11 @@ def lora_b_grad_bwd(grad_y: torch.Tensor, u: torch.Tensor, scale: float) -> torc
     R = u.shape[1]
     if M == 0:
         return torch.zeros((N, R), dtype=grad_y.dtype, device=grad_y.device)
-    block_q = configs.fixed_config("shrink")["BLOCK_Q"] if configs.use_fixed_config() else 256
+    # Split boundaries fall on whole BLOCK_Q steps of every config (the largest BLOCK_Q is 256).
+    unit = configs.fixed_config("shrink")["BLOCK_Q"] if configs.use_fixed_config() else 256
     p_blocks = triton.cdiv(N, 64)
-    splits = max(1, min(triton.cdiv(M, block_q), configs.target_programs(grad_y.device) // p_blocks))
-    # Every split but the last covers a whole number of BLOCK_Q steps of any config (<= 256).
-    q_per_split = triton.cdiv(triton.cdiv(M, splits), 256) * 256
+    splits = max(1, min(triton.cdiv(M, unit), configs.target_programs(grad_y.device) // p_blocks))
+    q_per_split = triton.cdiv(triton.cdiv(M, splits), unit) * unit
     splits = triton.cdiv(M, q_per_split)
     partial = torch.empty((splits, N, R), dtype=torch.float32, device=grad_y.device)
     _launch_shrink(grad_y.t(), u, partial, splits=splits, q_per_split=q_per_split)

@@ -1,0 +1,29 @@
+"""Test setup. Without a CUDA device the Triton kernels run in Triton's CPU interpreter, which must
+be switched on before any @triton.jit decorator runs (DESIGN.md §5): hence here, before the
+package is imported by any test module."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from lora_kernels._triton_env import HAS_TRITON  # noqa: E402
+
+# Kernel tests run on CUDA when there is a GPU, else on CPU tensors in the interpreter.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def kernel_device():
+    if not HAS_TRITON:
+        pytest.fail("the kernel tests need Triton (pip install triton)")
+    return KERNEL_DEVICE
