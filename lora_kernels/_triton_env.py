@@ -1,21 +1,17 @@
-"""Where Triton is importable and whether it runs in its CPU interpreter.
+"""Where Triton is installed and whether it runs in its CPU interpreter.
 
-Everything that touches ``triton`` goes through this module so the package still imports (and the
-torch backend still works) on machines without Triton.
+Triton itself is imported only by :mod:`lora_kernels.kernels` (and lazily, when a Triton path is
+first used), never at package import: the interpreter switch ``TRITON_INTERPRET=1`` is read when
+Triton is imported, so a command such as ``lora-kernels check`` can still turn it on after
+``import lora_kernels``. The package imports and its torch backend works without Triton.
 """
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 
-try:  # pragma: no cover - exercised implicitly by every import
-    import triton  # noqa: F401
-    import triton.language as tl  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - CI has triton; this is the no-triton fallback
-    triton = None
-    tl = None
-    HAS_TRITON = False
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def is_interpreter() -> bool:
@@ -24,4 +20,9 @@ def is_interpreter() -> bool:
 
 
 def triton_version() -> str | None:
-    return triton.__version__ if HAS_TRITON else None
+    if not HAS_TRITON:
+        return None
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source builds
+        return "unknown"
