@@ -58,15 +58,15 @@ _GPU_CONFIGS = {
     ],
 }
 
-# Register budget: the rank-wide tiles (u·Bᵀ, v·A, the dA accumulator) grow with R, so big ranks
-# get smaller blocks on the other dims.
-_MAX_TILE_WITH_RANK = 128 * 256
+# Register / shared-memory budget for the rank-wide tiles (u·Bᵀ, v·A, the dA accumulator): with
+# R = 256 the other tile dims stay <= 64, with R = 128 <= 128.
+_MAX_TILE_WITH_RANK = 64 * 256
 
 
 def _fits_rank(kind: str, cfg: triton.Config, block_r: int) -> bool:
     kw = cfg.kwargs
     if kind == "shrink":
-        return kw["BLOCK_P"] * block_r <= _MAX_TILE_WITH_RANK
+        return kw["BLOCK_P"] * block_r <= 2 * _MAX_TILE_WITH_RANK
     if kind == "linear_fwd":
         return max(kw["BLOCK_M"], kw["BLOCK_N"]) * block_r <= _MAX_TILE_WITH_RANK
     return max(kw["BLOCK_M"], kw["BLOCK_K"]) * block_r <= _MAX_TILE_WITH_RANK
@@ -76,11 +76,17 @@ def use_fixed_config() -> bool:
     return is_interpreter() or os.environ.get("LORA_KERNELS_AUTOTUNE", "1") == "0"
 
 
-def fixed_config(kind: str) -> dict:
-    """Meta-parameters (block sizes, and num_warps/num_stages on a GPU) for the fixed config."""
+def fixed_config(kind: str, block_r: int = 16) -> dict:
+    """Meta-parameters (block sizes, and num_warps/num_stages on a GPU) for the fixed config.
+
+    On a GPU, a config too big for the rank's tiles is replaced by the largest listed one that fits.
+    """
     if is_interpreter():
         return dict(INTERPRETER_CONFIG[kind])
     cfg = GPU_FIXED_CONFIG[kind]
+    if not _fits_rank(kind, cfg, block_r):
+        fitting = [c for c in _GPU_CONFIGS[kind] if _fits_rank(kind, c, block_r)]
+        cfg = max(fitting, key=lambda c: sorted(c.kwargs.values())) if fitting else _GPU_CONFIGS[kind][-1]
     return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

@@ -138,7 +138,7 @@ def lora_linear_bwd(grad_y, weight, v, lora_a, x, scale: float, seed: int, dropo
         )
 
     if configs.use_fixed_config():
-        meta = configs.fixed_config("linear_bwd")
+        meta = configs.fixed_config("linear_bwd", flags["BLOCK_R"])
         partial, splits, a = args(meta["BLOCK_K"])
         _lora_linear_bwd_kernel[(triton.cdiv(K, meta["BLOCK_K"]), splits)](*a, **flags, **meta)
     else:
