@@ -1,0 +1,46 @@
+"""Property-based checks: drawn shapes, ranks, layouts, dtypes and dropout against the float64
+reference. Hypothesis prints the falsifying case (and its seed) on failure."""
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lora_kernels.testing import TOLERANCES, LoraCase, compare
+
+from .conftest import KERNEL_DEVICE
+
+
+@st.composite
+def cases(draw, max_dim, dtypes):
+    return LoraCase(
+        m=draw(st.integers(1, max_dim)),
+        n=draw(st.integers(1, max_dim)),
+        k=draw(st.integers(1, max_dim)),
+        r=draw(st.integers(1, 40)),
+        dtype=draw(st.sampled_from(dtypes)),
+        dropout_p=draw(st.sampled_from([0.0, 0.1, 0.5, 0.9])),
+        bias=draw(st.booleans()),
+        batch=draw(st.sampled_from([None, 2])),
+        noncontiguous=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**63 - 1)),
+        scale=draw(st.floats(0.125, 4.0)),
+    )
+
+
+def _assert_close(path, case, device):
+    errors = compare(path, case, device=device)
+    tol = TOLERANCES[case.dtype]
+    bad = {q: e for q, e in errors.items() if not e <= tol}
+    assert not bad, f"{path} {case} seed={case.seed}: {bad} above {tol}"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(max_dim=96, dtypes=[torch.float32, torch.float64]))
+def test_torch_backend_property(case):
+    _assert_close("torch", case, "cpu")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(max_dim=80, dtypes=[torch.float32, torch.float16, torch.bfloat16]),
+       path=st.sampled_from(["fused", "hybrid"]))
+def test_triton_paths_property(case, path):
+    _assert_close(path, case, KERNEL_DEVICE)
