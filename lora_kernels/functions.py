@@ -85,3 +85,73 @@ def _backward(ctx, grad_y, _grad_u):
 
 
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# DoRA (DESIGN.md §3). Saved for backward: x, W, A, B, m, u (M×r), h = xd·Wᵀ + s·u·Bᵀ (M×N, x's
+# dtype: dm needs it) and the detached row norm n (N, fp32). Nothing N×K; no mask.
+
+
+@torch.library.custom_op("lora_kernels::dora_linear_fwd", mutates_args=())
+def dora_linear_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, magnitude: Tensor,
+    weight_sq_norm: Tensor, scale: float, dropout_p: float, seed: int, impl: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, u, h, norm) for a 2-D x; ``weight_sq_norm`` is ‖W_j‖² (N, fp32)."""
+    module, kw = _backend_module(impl)
+    return module.dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm, scale, dropout_p,
+                                  seed, **kw)
+
+
+@dora_linear_fwd.register_fake
+def _(x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm, scale, dropout_p, seed, impl):
+    m, n = x.shape[0], weight.shape[0]
+    return (x.new_empty((m, n)), x.new_empty((m, lora_a.shape[0])), x.new_empty((m, n)),
+            x.new_empty((n,), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))
+
+
+@torch.library.custom_op("lora_kernels::dora_linear_bwd", mutates_args=())
+def dora_linear_bwd(
+    grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, magnitude: Tensor, u: Tensor,
+    h: Tensor, norm: Tensor, scale: float, dropout_p: float, seed: int, impl: str, compute_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, dm); dx is an empty tensor when ``compute_dx`` is False."""
+    module, kw = _backend_module(impl)
+    dx, da, db, dm = module.dora_linear_bwd(grad_y, x, weight, lora_a, lora_b, magnitude, u, h, norm, scale,
+                                            dropout_p, seed, compute_dx, **kw)
+    return (dx if dx is not None else x.new_empty((0,))), da, db, dm
+
+
+@dora_linear_bwd.register_fake
+def _(grad_y, x, weight, lora_a, lora_b, magnitude, u, h, norm, scale, dropout_p, seed, impl, compute_dx):
+    dx = x.new_empty(x.shape) if compute_dx else x.new_empty((0,))
+    return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape), magnitude.new_empty(magnitude.shape)
+
+
+def _dora_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm, scale, dropout_p, seed, impl = inputs
+    _, u, h, norm = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, u, h, norm)
+    ctx.mark_non_differentiable(u, h, norm)
+    ctx.scale, ctx.dropout_p, ctx.seed, ctx.impl = scale, dropout_p, seed, impl
+
+
+def _dora_backward(ctx, grad_y, _grad_u, _grad_h, _grad_norm):
+    x, weight, lora_a, lora_b, magnitude, u, h, norm = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
+    if need_w:
+        raise RuntimeError("dora_linear: the frozen weight requires grad; DoRA trains the magnitude and the "
+                           "adapters only (call weight.requires_grad_(False))")
+    grad_x = grad_a = grad_b = grad_m = grad_bias = None
+    if need_x or need_a or need_b or need_m:
+        dx, da, db, dm = torch.ops.lora_kernels.dora_linear_bwd(
+            grad_y, x, weight, lora_a, lora_b, magnitude, u, h, norm, ctx.scale, ctx.dropout_p, ctx.seed,
+            ctx.impl, need_x)
+        grad_x = dx if need_x else None
+        grad_a, grad_b, grad_m = (da if need_a else None), (db if need_b else None), (dm if need_m else None)
+    if need_bias:
+        grad_bias = grad_y.sum(0)
+    return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None, None, None, None
+
+
+dora_linear_fwd.register_autograd(_dora_backward, setup_context=_dora_setup_context)

@@ -9,7 +9,8 @@ from torch import nn
 
 from ._validation import check_dropout, check_rank
 from .backends import requested_backend
-from .functional import lora_linear
+from .dora import weight_sq_norm
+from .functional import dora_linear, lora_linear
 
 INITS = ("kaiming", "gaussian")
 
@@ -26,10 +27,16 @@ class LoRALinear(nn.Module):
     weight's dtype and device. The base layer (``base_layer``) is frozen. B starts at zero, so the
     output equals the base layer's at step 0. ``merge()`` folds s·B·A into the base weight (for
     zero-overhead inference) and ``unmerge()`` takes it out again.
+
+    With ``use_dora=True`` the layer is DoRA (PEFT's definition, see ``lora_kernels.dora_linear``):
+    a trainable magnitude ``lora_magnitude`` (out_features,) starts at the row norms of W, so the
+    output again equals the base layer's at step 0 (exactly in fp32; within the rounding of m in
+    lower precision). ‖W_j‖² is cached and recomputed whenever the weight changes (its version).
     """
 
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "kaiming", backend: str | None = None):
+                 use_rslora: bool = False, init: str = "kaiming", backend: str | None = None,
+                 use_dora: bool = False):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
@@ -53,13 +60,38 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=w.dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=w.dtype, device=w.device))
         self.merged = False
+        self.use_dora = bool(use_dora)
+        self._w_sq_cache: tuple | None = None
+        self.lora_magnitude = None
+        self.register_buffer("_merged_dora_scale", None, persistent=False)
         self.reset_lora_parameters(init)
+        if self.use_dora:
+            self.lora_magnitude = nn.Parameter(self.dora_weight_norm().to(w.dtype))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
-                    use_rslora: bool = False, init: str = "kaiming", backend: str | None = None) -> "LoRALinear":
+                    use_rslora: bool = False, init: str = "kaiming", backend: str | None = None,
+                    use_dora: bool = False) -> "LoRALinear":
         """Wrap ``linear`` (kept as ``base_layer``, its parameters frozen in place)."""
-        return cls(linear, rank, alpha, dropout=dropout, use_rslora=use_rslora, init=init, backend=backend)
+        return cls(linear, rank, alpha, dropout=dropout, use_rslora=use_rslora, init=init, backend=backend,
+                   use_dora=use_dora)
+
+    def weight_sq_norm(self) -> torch.Tensor:
+        """‖W_j‖², cached until the weight tensor changes (merge, load, in-place edits)."""
+        w = self.base_layer.weight
+        key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device)
+        if self._w_sq_cache is None or self._w_sq_cache[0] != key:
+            self._w_sq_cache = (key, weight_sq_norm(w.detach()))
+        return self._w_sq_cache[1]
+
+    @torch.no_grad()
+    def dora_weight_norm(self) -> torch.Tensor:
+        """n_j = ‖W_j + s·(B·A)_j‖ in fp32, never building W + s·B·A (lora_kernels.dora)."""
+        from .dora import norm_from_products, weight_a_product_torch
+
+        w = self.base_layer.weight.detach()
+        return norm_from_products(self.weight_sq_norm(), weight_a_product_torch(w, self.lora_A),
+                                  self.lora_A, self.lora_B, self.scale)
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "kaiming") -> None:
@@ -91,6 +123,10 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:  # the adapter is already inside the weight
             return F.linear(x, self.weight, self.bias)
+        if self.use_dora:
+            return dora_linear(x, self.weight, self.lora_A, self.lora_B, self.lora_magnitude, self.scale,
+                               bias=self.bias, dropout_p=self.dropout, training=self.training,
+                               backend=self.backend, weight_sq_norm=self.weight_sq_norm())
         return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scale, bias=self.bias,
                            dropout_p=self.dropout, training=self.training, backend=self.backend)
 
@@ -100,23 +136,35 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W ← W + s·B·A, computed in float32 and cast back to W's dtype."""
+        """W ← W + s·B·A (DoRA: W ← c ⊙ (W + s·B·A), c = m/n), in float32, cast back to W's dtype."""
         if self.merged:
             raise RuntimeError("LoRALinear.merge(): the adapter is already merged; call unmerge() first")
         w = self.base_layer.weight
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        merged = w.float() + self.delta_weight()
+        if self.use_dora:
+            c = self.lora_magnitude.detach().float() / self.dora_weight_norm().float()
+            if not torch.all(torch.isfinite(c)) or torch.any(c == 0):
+                raise RuntimeError("LoRALinear.merge(): the DoRA scale m/n has zero or non-finite entries; "
+                                   "merging would not be reversible")
+            merged.mul_(c[:, None])
+            self._merged_dora_scale = c
+        w.copy_(merged.to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W ← W − s·B·A (restores W within the rounding of its dtype)."""
+        """Undo ``merge`` (restores W within the rounding of its dtype)."""
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge(): the adapter is not merged")
         w = self.base_layer.weight
-        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        restored = w.float()
+        if self.use_dora:
+            restored.div_(self._merged_dora_scale[:, None])
+            self._merged_dora_scale = None
+        w.copy_((restored - self.delta_weight()).to(w.dtype))
         self.merged = False
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"alpha={self.alpha:g}, scale={self.scale:g}, dropout={self.dropout:g}, "
-                f"rslora={self.use_rslora}, merged={self.merged}")
+                f"rslora={self.use_rslora}, dora={self.use_dora}, merged={self.merged}")

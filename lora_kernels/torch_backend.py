@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .dora import norm_from_products, weight_a_product_torch
 from .dropout import dropout_mask
 
 
@@ -39,3 +40,52 @@ def lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, u, scale: float, dropout_
             lora_term.mul_(z)
         grad_x = torch.mm(grad_y, weight).add_(lora_term, alpha=scale)
     return grad_x, grad_a, grad_b
+
+
+def dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude, w_sq, scale: float, dropout_p: float, seed: int):
+    """(y, u, h, norm) of DoRA (DESIGN.md §3, PEFT's formula) for a 2-D x.
+
+    norm (N, fp32) is the detached row norm; h (M×N) = xd·Wᵀ + s·u·Bᵀ is what dm needs in backward.
+    """
+    norm = norm_from_products(w_sq, weight_a_product_torch(weight, lora_a), lora_a, lora_b, scale)
+    c = magnitude.to(norm.dtype) / norm
+    z = None
+    xd = x
+    if dropout_p > 0.0:
+        z = dropout_mask(seed, x.shape[0], x.shape[1], dropout_p, dtype=x.dtype, device=x.device)
+        xd = x * z
+    u = xd @ lora_a.t()
+    lora = (u @ lora_b.t()).mul_(scale)
+    if z is not None:
+        dropped = xd @ weight.t()
+        h = dropped + lora
+        y = x @ weight.t() + (c - 1.0) * dropped + c * lora
+    else:
+        h = x @ weight.t() + lora
+        y = c * h
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype), u, h, norm
+
+
+def dora_linear_bwd(grad_y, x, weight, lora_a, lora_b, magnitude, u, h, norm, scale: float, dropout_p: float,
+                    seed: int, compute_dx: bool):
+    """(dx or None, dA, dB, dm): the LoRA backward with g := g ⊙ c, plus dm = Σ_rows g ⊙ h / n."""
+    c = magnitude.to(norm.dtype) / norm
+    grad_c = (grad_y * c).to(grad_y.dtype)
+    z = None
+    if dropout_p > 0.0:
+        z = dropout_mask(seed, x.shape[0], x.shape[1], dropout_p, dtype=x.dtype, device=x.device)
+    v = grad_c @ lora_b
+    grad_b = torch.mm(grad_c.t(), u).mul_(scale)
+    grad_a = torch.mm(v.t(), x if z is None else x * z).mul_(scale)
+    grad_m = ((grad_y.to(norm.dtype) * h.to(norm.dtype)).sum(0) / norm).to(magnitude.dtype)
+    grad_x = None
+    if compute_dx:
+        lora_term = (v @ lora_a).mul_(scale)
+        if z is None:
+            grad_x = torch.mm(grad_c, weight).add_(lora_term)
+        else:  # dx = g·W + Z ⊙ ((g ⊙ (c − 1))·W + s·v·A)
+            inner = torch.mm((grad_y * (c - 1.0)).to(grad_y.dtype), weight).add_(lora_term)
+            grad_x = torch.mm(grad_y, weight).add_(inner.mul_(z))
+    return grad_x, grad_a, grad_b, grad_m

@@ -1,0 +1,211 @@
+"""DoRA: the torch backend and the Triton paths against dora_linear_ref, PEFT's own DoRA layer,
+the norm without W + s·B·A, zero rows, saved bytes, and the layer (init, merge/unmerge)."""
+import pytest
+import torch
+from torch import nn
+
+from lora_kernels import LoRALinear, dora_linear
+from lora_kernels.dora import norm_from_products, weight_a_product_torch, weight_sq_norm
+from lora_kernels.dropout import apply_dropout
+from lora_kernels.reference import dora_linear_ref, dora_weight_norm_ref
+from lora_kernels.testing import TOLERANCES, rel_error
+
+from .conftest import KERNEL_DEVICE
+
+f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+
+
+def _problem(m, n, k, r, dtype, bias=True, seed=0, device="cpu", lead=()):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*s, std=1.0):
+        return (torch.randn(*s, generator=g, dtype=f64) * std).to(dtype).to(device)
+
+    x = rnd(*lead, m, k)
+    w = rnd(n, k, std=k ** -0.5)
+    a = rnd(r, k, std=k ** -0.5)
+    b = rnd(n, r, std=r ** -0.5)
+    mag = (dora_weight_norm_ref(w.double(), a.double(), b.double(), 2.0) * (1 + 0.3 * torch.rand(n, generator=g,
+           dtype=f64)).to(device)).to(dtype)
+    bias_t = rnd(n) if bias else None
+    grad = rnd(*lead, m, n)
+    return x, w, a, b, mag, bias_t, grad
+
+
+def _grads(fn, x, a, b, mag, bias, grad):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, b, mag)]
+    bias_leaf = bias.detach().clone().requires_grad_(True) if bias is not None else None
+    y = fn(leaves[0], leaves[1], leaves[2], leaves[3], bias_leaf)
+    wrt = leaves + ([bias_leaf] if bias_leaf is not None else [])
+    names = ["dx", "dA", "dB", "dm"] + (["db"] if bias_leaf is not None else [])
+    return {"y": y.detach(), **dict(zip(names, torch.autograd.grad(y, wrt, grad)))}
+
+
+def _compare(path, m, n, k, r, dtype, p, bias=True, lead=(), device="cpu"):
+    x, w, a, b, mag, bias_t, grad = _problem(m, n, k, r, dtype, bias, device=device, lead=lead)
+    out = _grads(lambda x_, a_, b_, m_, b2: dora_linear(x_, w, a_, b_, m_, 2.0, b2, p, seed=11, backend=path),
+                 x, a, b, mag, bias_t, grad)
+    up = lambda t: None if t is None else t.double().cpu()  # noqa: E731
+    ref = _grads(lambda x_, a_, b_, m_, b2: dora_linear_ref(x_, up(w), a_, b_, m_, 2.0, b2, p, seed=11),
+                 up(x), up(a), up(b), up(mag), up(bias_t), up(grad))
+    errors = {q: rel_error(out[q].cpu(), ref[q]) for q in ref}
+    tol = TOLERANCES[dtype]
+    bad = {q: e for q, e in errors.items() if not e <= tol}
+    assert not bad, f"{path} M={m} N={n} K={k} r={r} {dtype} p={p}: {bad} above {tol}"
+
+
+@pytest.mark.parametrize("dtype", [f32, f64])
+@pytest.mark.parametrize("m,n,k,r,p,bias,lead", [
+    (33, 17, 29, 1, 0.0, True, ()),
+    (33, 17, 29, 8, 0.1, False, ()),
+    (7, 31, 23, 12, 0.5, True, (3,)),
+])
+def test_torch_backend_matches_reference(m, n, k, r, p, bias, lead, dtype):
+    _compare("torch", m, n, k, r, dtype, p, bias, lead)
+
+
+def test_norm_identity_matches_materialised_norm():
+    x, w, a, b, *_ = _problem(5, 300, 200, 16, f32)
+    n = norm_from_products(weight_sq_norm(w), weight_a_product_torch(w, a, chunk_rows=64), a, b, 2.0)
+    ref = dora_weight_norm_ref(w.double(), a.double(), b.double(), 2.0)
+    assert rel_error(n, ref) < 1e-6
+
+
+def test_zero_rows_stay_finite_and_nan_in_x_propagates():
+    x, w, a, b, mag, bias, _ = _problem(6, 10, 12, 4, f32)
+    w[3] = 0.0
+    b[3] = 0.0
+    mag = dora_weight_norm_ref(w, a, b, 2.0).clone()  # m = n at init: 0 on row 3 (up to eps)
+    mag[3] = 0.0
+    y = dora_linear(x, w, a, b, mag, 2.0, bias, backend="torch")
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y[:, 3], bias[3].expand(6))
+    x[2, 5] = float("nan")
+    y = dora_linear(x, w, a, b, mag, 2.0, bias, backend="torch")
+    assert torch.isnan(y[2]).any() and torch.isfinite(y[[0, 1, 3, 4, 5]]).all()
+
+
+def test_layer_init_equals_base_and_merge_roundtrip():
+    torch.manual_seed(0)
+    base = nn.Linear(48, 40)
+    layer = LoRALinear.from_linear(base, rank=8, alpha=16, dropout=0.1, use_dora=True)
+    x = torch.randn(5, 48)
+    torch.testing.assert_close(layer(x), base(x), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.lora_magnitude.mul_(1.1)
+    layer.eval()
+    before, w0 = layer(x), base.weight.detach().clone()
+    layer.merge()
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(base.weight, w0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+    trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A", "lora_B", "lora_magnitude"}
+
+
+def test_weight_norm_cache_follows_the_weight():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    layer = LoRALinear.from_linear(base, rank=2, alpha=2, use_dora=True)
+    first = layer.weight_sq_norm().clone()
+    with torch.no_grad():
+        base.weight.mul_(2.0)
+    torch.testing.assert_close(layer.weight_sq_norm(), 4 * first)
+
+
+def test_bad_dora_inputs():
+    x, w, a, b, mag, bias, _ = _problem(4, 6, 8, 2, f32)
+    with pytest.raises(ValueError, match="magnitude must have shape"):
+        dora_linear(x, w, a, b, mag[:5], 1.0)
+    with pytest.raises(ValueError, match="weight must not require grad"):
+        dora_linear(x, w.clone().requires_grad_(True), a, b, mag, 1.0)
+    with pytest.raises(TypeError, match="weight_sq_norm"):
+        dora_linear(x, w, a, b, mag, 1.0, weight_sq_norm=weight_sq_norm(w).half())
+
+
+def _saved(fn, known):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn()
+    seen, total = set(), 0
+    for t in saved:
+        if t.data_ptr() in known or (t.data_ptr(), t.numel()) in seen:
+            continue
+        seen.add((t.data_ptr(), t.numel()))
+        total += t.numel() * t.element_size()
+    return total
+
+
+class _SeededDropout(nn.Module):
+    """Stands in for PEFT's nn.Dropout so PEFT sees exactly our mask."""
+
+    def __init__(self, p, seed):
+        super().__init__()
+        self.p, self.seed = p, seed
+
+    def forward(self, x):
+        return apply_dropout(x.reshape(-1, x.shape[-1]), self.seed, self.p).reshape(x.shape)
+
+
+def _peft_dora(w, a, b, mag, bias, p, alpha):
+    peft = pytest.importorskip("peft")
+
+    class One(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=w.dtype)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = One()
+    with torch.no_grad():
+        model.proj.weight.copy_(w)
+        if bias is not None:
+            model.proj.bias.copy_(bias)
+    cfg = peft.LoraConfig(r=a.shape[0], lora_alpha=alpha, lora_dropout=p, target_modules=["proj"], use_dora=True)
+    model = peft.get_peft_model(model, cfg, autocast_adapter_dtype=False)
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(a)
+        layer.lora_B["default"].weight.copy_(b)
+        layer.lora_magnitude_vector["default"].weight.copy_(mag)
+    if p > 0:
+        layer.lora_dropout["default"] = _SeededDropout(p, 11)
+    return model, layer
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("training", [True, False])
+def test_equals_peft_dora_layer(p, training):
+    m, n, k, r = 40, 24, 32, 4
+    x, w, a, b, mag, bias, grad = _problem(m, n, k, r, f32, lead=(2,))
+    model, layer = _peft_dora(w, a, b, mag, bias, p, alpha=2.0 * r)
+    model.train(training)
+    xp = x.clone().requires_grad_(True)
+    y_peft = layer(xp)
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+              layer.lora_magnitude_vector["default"].weight]
+    g_peft = torch.autograd.grad(y_peft, [xp] + params, grad)
+    out = _grads(lambda x_, a_, b_, m_, b2: dora_linear(x_, w, a_, b_, m_, 2.0, bias, p, seed=11, training=training,
+                                                         backend="torch"), x, a, b, mag, None, grad)
+    assert rel_error(out["y"], y_peft) < 1e-5
+    for name, g in zip(["dx", "dA", "dB", "dm"], g_peft):
+        assert rel_error(out[name], g) < 1e-5, name
+
+
+def test_saves_fewer_bytes_than_peft_dora():
+    m, n, k, r, p = 256, 96, 128, 8, 0.1
+    x, w, a, b, mag, bias, _ = _problem(m, n, k, r, f32)
+    model, layer = _peft_dora(w, a, b, mag, bias, p, alpha=2.0 * r)
+    model.train()
+    a_, b_, m_ = (t.clone().requires_grad_(True) for t in (a, b, mag))
+    ours = _saved(lambda: dora_linear(x, w, a_, b_, m_, 2.0, bias, p, seed=3, backend="torch"),
+                  {x.data_ptr(), w.data_ptr(), a_.data_ptr(), b_.data_ptr(), m_.data_ptr()})
+    peft_known = {x.data_ptr()} | {q.data_ptr() for q in layer.parameters()}
+    theirs = _saved(lambda: layer(x), peft_known)
+    # ours: u (M×r) + h (M×N) + n (N), fp32
+    assert ours == 4 * (m * r + m * n + n), ours
+    assert ours < theirs, f"saved for backward beyond x and parameters: ours {ours} B, PEFT DoRA {theirs} B"
