@@ -33,7 +33,7 @@ GPU_FIXED_CONFIG = {
 _GPU_CONFIGS = {
     "shrink": [
         triton.Config(dict(BLOCK_P=bp, BLOCK_Q=bq), num_warps=w, num_stages=s)
-        for bp, bq, w, s in [(32, 128, 4, 4), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (16, 256, 4, 3)]
+        for bp, bq, w, s in [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3)]
     ],
     "linear_fwd": [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
@@ -44,6 +44,8 @@ _GPU_CONFIGS = {
             (64, 128, 64, 4, 4),
             (128, 64, 64, 4, 4),
             (64, 64, 64, 4, 4),
+            (64, 64, 64, 8, 3),
+            (64, 64, 32, 8, 3),
         ]
     ],
     "linear_bwd": [
@@ -54,38 +56,46 @@ _GPU_CONFIGS = {
             (64, 64, 128, 4, 3),
             (64, 64, 64, 4, 4),
             (64, 32, 64, 4, 4),
+            (64, 64, 64, 8, 3),
+            (64, 32, 64, 8, 3),
+            (64, 32, 32, 8, 3),
         ]
     ],
 }
 
-# Register / shared-memory budget for the rank-wide tiles (u·Bᵀ, v·A, the dA accumulator): with
-# R = 256 the other tile dims stay <= 64, with R = 128 <= 128.
+# Register / shared-memory budgets, from ptxas -v on sm_90 (a compile-only review; see
+# docs/architecture.md): the rank-wide tiles (u·Bᵀ, v·A, the dA accumulator) keep the other tile dims
+# <= 64 at R = 256 and <= 128 at R = 128, and ranks >= 128 need 8 warps to hold their fp32
+# accumulators without spilling. fp32 operands ("ieee" dots, no tensor cores) spill on big tiles.
 _MAX_TILE_WITH_RANK = 64 * 256
+_MAX_FP32_TILE = 64 * 128
 
 
-def _fits_rank(kind: str, cfg: triton.Config, block_r: int) -> bool:
+def _fits(kind: str, cfg: triton.Config, block_r: int, elem_bytes: int = 2) -> bool:
     kw = cfg.kwargs
+    if block_r >= 128 and cfg.num_warps < 8:
+        return False
     if kind == "shrink":
-        return kw["BLOCK_P"] * block_r <= 2 * _MAX_TILE_WITH_RANK
-    if kind == "linear_fwd":
-        return max(kw["BLOCK_M"], kw["BLOCK_N"]) * block_r <= _MAX_TILE_WITH_RANK
-    return max(kw["BLOCK_M"], kw["BLOCK_K"]) * block_r <= _MAX_TILE_WITH_RANK
+        return kw["BLOCK_P"] * block_r <= 2 * _MAX_TILE_WITH_RANK and (
+            elem_bytes < 4 or kw["BLOCK_P"] * kw["BLOCK_Q"] <= _MAX_FP32_TILE)
+    rows, cols = (kw["BLOCK_M"], kw["BLOCK_N"]) if kind == "linear_fwd" else (kw["BLOCK_M"], kw["BLOCK_K"])
+    return max(rows, cols) * block_r <= _MAX_TILE_WITH_RANK and (elem_bytes < 4 or rows * cols <= _MAX_FP32_TILE)
 
 
 def use_fixed_config() -> bool:
     return is_interpreter() or os.environ.get("LORA_KERNELS_AUTOTUNE", "1") == "0"
 
 
-def fixed_config(kind: str, block_r: int = 16) -> dict:
+def fixed_config(kind: str, block_r: int = 16, elem_bytes: int = 2) -> dict:
     """Meta-parameters (block sizes, and num_warps/num_stages on a GPU) for the fixed config.
 
-    On a GPU, a config too big for the rank's tiles is replaced by the largest listed one that fits.
+    On a GPU, a config too big for the rank (or for fp32) is replaced by the largest listed one that fits.
     """
     if is_interpreter():
         return dict(INTERPRETER_CONFIG[kind])
     cfg = GPU_FIXED_CONFIG[kind]
-    if not _fits_rank(kind, cfg, block_r):
-        fitting = [c for c in _GPU_CONFIGS[kind] if _fits_rank(kind, c, block_r)]
+    if not _fits(kind, cfg, block_r, elem_bytes):
+        fitting = [c for c in _GPU_CONFIGS[kind] if _fits(kind, c, block_r, elem_bytes)]
         cfg = max(fitting, key=lambda c: sorted(c.kwargs.values())) if fitting else _GPU_CONFIGS[kind][-1]
     return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -95,11 +105,13 @@ def autotune_configs(kind: str) -> list[triton.Config]:
 
 
 def prune_by_rank(kind: str):
-    """A ``prune_configs_by`` hook dropping configs whose rank-wide tiles would not fit in registers."""
+    """A ``prune_configs_by`` hook dropping configs whose tiles would spill for this rank and dtype."""
 
     def prune(configs, named_args, **kwargs):
         block_r = named_args.get("BLOCK_R", kwargs.get("BLOCK_R", 16))
-        kept = [c for c in configs if _fits_rank(kind, c, block_r)]
+        first = next((v for v in named_args.values() if hasattr(v, "element_size")), None)
+        elem_bytes = first.element_size() if first is not None else 2
+        kept = [c for c in configs if _fits(kind, c, block_r, elem_bytes)]
         return kept or configs[-1:]
 
     return prune

@@ -84,7 +84,7 @@ def _lora_linear_bwd_kernel(
 
 _lora_linear_bwd_tuned = triton.autotune(
     configs=configs.autotune_configs("linear_bwd"),
-    key=["M_BUCKET", "N", "K", "R", "BASE_GEMM", "COMPUTE_DX"],
+    key=["M_BUCKET", "N", "K", "R", "BASE_GEMM", "COMPUTE_DX", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": configs.prune_by_rank("linear_bwd")},
     restore_value=["dx_ptr"],  # the hybrid path accumulates into dx
 )(_lora_linear_bwd_kernel)
@@ -138,7 +138,7 @@ def lora_linear_bwd(grad_y, weight, v, lora_a, x, scale: float, seed: int, dropo
         )
 
     if configs.use_fixed_config():
-        meta = configs.fixed_config("linear_bwd", flags["BLOCK_R"])
+        meta = configs.fixed_config("linear_bwd", flags["BLOCK_R"], x.element_size())
         partial, splits, a = args(meta["BLOCK_K"])
         _lora_linear_bwd_kernel[(triton.cdiv(K, meta["BLOCK_K"]), splits)](*a, **flags, **meta)
     else:

@@ -74,7 +74,7 @@ def _lora_linear_fwd_kernel(
 
 _lora_linear_fwd_tuned = triton.autotune(
     configs=configs.autotune_configs("linear_fwd"),
-    key=["M_BUCKET", "N", "K", "R", "BASE_GEMM"],
+    key=["M_BUCKET", "N", "K", "R", "BASE_GEMM", "HAS_BIAS"],
     prune_configs_by={"early_config_prune": configs.prune_by_rank("linear_fwd")},
     restore_value=["y_ptr"],  # the hybrid path accumulates into y: tuning runs must not compound
 )(_lora_linear_fwd_kernel)
@@ -105,7 +105,7 @@ def lora_linear_fwd(x, weight, bias, u, lora_b, scale: float, y=None) -> torch.T
         INPUT_PRECISION=configs.input_precision(x.dtype), BLOCK_R=configs.block_rank(R),
     )
     if configs.use_fixed_config():
-        meta = configs.fixed_config("linear_fwd", flags["BLOCK_R"])
+        meta = configs.fixed_config("linear_fwd", flags["BLOCK_R"], x.element_size())
         grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
         _lora_linear_fwd_kernel[grid](*args, **flags, **meta)
     else:

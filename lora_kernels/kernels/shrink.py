@@ -65,7 +65,7 @@ def _lora_shrink_kernel(
 
 _lora_shrink_tuned = triton.autotune(
     configs=configs.autotune_configs("shrink"),
-    key=["P_BUCKET", "Q", "R"],
+    key=["P_BUCKET", "Q", "R", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": configs.prune_by_rank("shrink")},
 )(_lora_shrink_kernel)
 
@@ -87,7 +87,7 @@ def _launch_shrink(inp, mat, out, *, splits, q_per_split, seed=0, dropout_p=0.0,
         INPUT_PRECISION=configs.input_precision(inp.dtype), BLOCK_R=configs.block_rank(R),
     )
     if configs.use_fixed_config():
-        meta = configs.fixed_config("shrink", flags["BLOCK_R"])
+        meta = configs.fixed_config("shrink", flags["BLOCK_R"], inp.element_size())
         _lora_shrink_kernel[(triton.cdiv(P, meta["BLOCK_P"]), splits)](*args, **flags, **meta)
     else:
         grid = lambda META: (triton.cdiv(P, META["BLOCK_P"]), splits)  # noqa: E731
