@@ -209,3 +209,52 @@ def test_saves_fewer_bytes_than_peft_dora():
     # ours: u (M×r) + h (M×N) + n (N), fp32
     assert ours == 4 * (m * r + m * n + n), ours
     assert ours < theirs, f"saved for backward beyond x and parameters: ours {ours} B, PEFT DoRA {theirs} B"
+
+
+DORA_KERNEL_CASES = [
+    (70, 90, 130, 1, f32, 0.0, True, ()),
+    (70, 90, 130, 8, f16, 0.1, False, ()),
+    (33, 65, 70, 12, bf16, 0.5, True, (3,)),
+    (150, 65, 70, 64, f32, 0.1, True, ()),   # several M splits (dA, dB, dm)
+    (17, 130, 33, 16, bf16, 0.0, False, ()),
+    (40, 40, 64, 200, f16, 0.1, True, ()),   # rank padded to 256 in the kernel
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("path", ["fused", "hybrid"])
+@pytest.mark.parametrize("m,n,k,r,dtype,p,bias,lead", DORA_KERNEL_CASES,
+                         ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, tuple) else f"lead{len(v)}")
+def test_triton_paths_match_reference(kernel_device, path, m, n, k, r, dtype, p, bias, lead):
+    _compare(path, m, n, k, r, dtype, p, bias, lead, device=kernel_device)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("path", ["fused", "hybrid"])
+def test_triton_dora_matches_torch_backend_with_dropout(kernel_device, path):
+    """Same seed, same mask: with p = 0.5 a different mask would change y by O(1)."""
+    x, w, a, b, mag, bias, _ = _problem(50, 60, 70, 8, f32, device=kernel_device)
+    y_triton = dora_linear(x, w, a, b, mag, 2.0, bias, 0.5, seed=3, backend=path)
+    y_torch = dora_linear(x, w, a, b, mag, 2.0, bias, 0.5, seed=3, backend="torch")
+    torch.testing.assert_close(y_triton, y_torch, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("impl", ["torch", "fused", "hybrid"])
+def test_dora_opcheck(kernel_device, impl):
+    x, w, a, b, mag, bias, g = _problem(20, 33, 40, 4, f32, device=kernel_device)
+    w_sq = weight_sq_norm(w)
+    fwd_args = (x, w, bias, a, b, mag, w_sq, 0.5, 0.1, 7, impl)
+    torch.library.opcheck(torch.ops.lora_kernels.dora_linear_fwd, fwd_args)
+    _, u, h, norm = torch.ops.lora_kernels.dora_linear_fwd(*fwd_args)
+    torch.library.opcheck(torch.ops.lora_kernels.dora_linear_bwd,
+                          (g, x, w, a, b, mag, u, h, norm, 0.5, 0.1, 7, impl, True))
+
+
+@pytest.mark.interpreter
+def test_triton_norm_matches_identity_on_torch(kernel_device):
+    from lora_kernels.triton_backend import dora_norm
+
+    x, w, a, b, *_ = _problem(5, 130, 70, 12, f32, device=kernel_device)
+    n = dora_norm(w, a, b, weight_sq_norm(w), 2.0)
+    assert rel_error(n.cpu(), dora_weight_norm_ref(w.double().cpu(), a.double().cpu(), b.double().cpu(), 2.0)) < 1e-6

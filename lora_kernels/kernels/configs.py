@@ -21,6 +21,7 @@ INTERPRETER_CONFIG = {
     "shrink": dict(BLOCK_P=32, BLOCK_Q=64),
     "linear_fwd": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4),
     "linear_bwd": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64),
+    "dora_mag": dict(BLOCK_M=32, BLOCK_N=64),
 }
 
 # The fixed config used on a GPU when autotuning is switched off.
@@ -28,6 +29,8 @@ GPU_FIXED_CONFIG = {
     "shrink": triton.Config(dict(BLOCK_P=64, BLOCK_Q=64), num_warps=4, num_stages=3),
     "linear_fwd": triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=8, num_stages=3),
     "linear_bwd": triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), num_warps=4, num_stages=3),
+    # a memory-bound column reduction: not autotuned
+    "dora_mag": triton.Config(dict(BLOCK_M=32, BLOCK_N=256), num_warps=4, num_stages=3),
 }
 
 _GPU_CONFIGS = {
@@ -94,7 +97,7 @@ def fixed_config(kind: str, block_r: int = 16, elem_bytes: int = 2) -> dict:
     if is_interpreter():
         return dict(INTERPRETER_CONFIG[kind])
     cfg = GPU_FIXED_CONFIG[kind]
-    if not _fits(kind, cfg, block_r, elem_bytes):
+    if kind in _GPU_CONFIGS and not _fits(kind, cfg, block_r, elem_bytes):
         fitting = [c for c in _GPU_CONFIGS[kind] if _fits(kind, c, block_r, elem_bytes)]
         cfg = max(fitting, key=lambda c: sorted(c.kwargs.values())) if fitting else _GPU_CONFIGS[kind][-1]
     return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

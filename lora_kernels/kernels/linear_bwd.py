@@ -1,6 +1,8 @@
 """Backward dx GEMM with the mask-aware LoRA epilogue and dA: ``_lora_linear_bwd_kernel``.
 
-    dx = g·W + s·(v·A) ⊙ Z        dA = s·vᵀ·(x ⊙ Z)        (v = g·B from :mod:`.shrink`)
+    LoRA:            dx = g·W + s·(v·A) ⊙ Z                        dA = s·vᵀ·(x ⊙ Z),  v = g·B
+    DoRA, no drop:   dx = gc·W + s·(v·A)                            v = gc·B, gc = g ⊙ c
+    DoRA, dropout:   dx = g·W + Z ⊙ (gc·W − g·W + s·v·A)           (= g·W + Z ⊙ ((g⊙(c−1))·W + s·v·A))
 
 Each program owns one K-column block of dx and dA and walks a fixed range of M row blocks (axis 1
 splits M into a few ranges). Per row block it builds the dx tile (BASE_GEMM: g·W in the kernel,
@@ -21,18 +23,22 @@ from .dropout import dropout_multiplier, mma
 
 @triton.jit
 def _lora_linear_bwd_kernel(
-    g_ptr, w_ptr, v_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
+    g_ptr, w_ptr, v_ptr, a_ptr, x_ptr, c_ptr, aux_ptr, dx_ptr, da_ptr,
     M, N, K, R,
     stride_gm, stride_gn, stride_wn, stride_wk, stride_vm, stride_vr, stride_ar, stride_ak,
-    stride_xm, stride_xk, stride_dxm, stride_dxk, stride_das, stride_dar, stride_dak,
+    stride_xm, stride_xk, stride_auxm, stride_auxk, stride_dxm, stride_dxk, stride_das, stride_dar, stride_dak,
     seed, dropout_p, keep_scale, scale, rows_per_split,
     M_BUCKET,  # autotune key only
     BASE_GEMM: tl.constexpr, COMPUTE_DX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DORA: tl.constexpr, DORA_DROPOUT: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """g: M×N, w: N×K, v: M×R, a: R×K, x: M×K, dx: M×K (input too when not BASE_GEMM),
-    da: S×R×K fp32 partials (S = number of M splits, program axis 1)."""
+    """g: M×N, w: N×K, v: M×R, a: R×K, x: M×K, c: N (fp32, DoRA), dx: M×K, da: S×R×K fp32
+    partials (S = number of M splits, program axis 1).
+
+    When not BASE_GEMM, dx holds cuBLAS's g·W (DoRA: gc·W) on entry and, for DoRA with dropout,
+    aux (M×K) holds g·W."""
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -60,8 +66,9 @@ def _lora_linear_bwd_kernel(
 
         if COMPUTE_DX:
             dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+            acc_plain = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # g·W (DoRA with dropout only)
             if BASE_GEMM:
-                acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+                acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # g·W (DoRA: gc·W)
                 for n0 in range(0, N, BLOCK_N):
                     offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
                     n_in = offs_n < N
@@ -69,13 +76,27 @@ def _lora_linear_bwd_kernel(
                                 mask=m_in[:, None] & n_in[None, :], other=0.0)
                     w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                                 mask=n_in[:, None] & k_in[None, :], other=0.0)
-                    acc = mma(g, w, acc, DOT_FP32, INPUT_PRECISION)
+                    if DORA:
+                        c = tl.load(c_ptr + offs_n, mask=n_in, other=0.0)
+                        gc = (g * c[None, :]).to(g_ptr.dtype.element_ty)
+                        acc = mma(gc, w, acc, DOT_FP32, INPUT_PRECISION)
+                        if DORA_DROPOUT:
+                            acc_plain = mma(g, w, acc_plain, DOT_FP32, INPUT_PRECISION)
+                    else:
+                        acc = mma(g, w, acc, DOT_FP32, INPUT_PRECISION)
             else:
                 acc = tl.load(dx_ptrs, mask=tile_in, other=0.0).to(tl.float32)
+                if DORA_DROPOUT:
+                    acc_plain = tl.load(aux_ptr + offs_m[:, None] * stride_auxm + offs_k[None, :] * stride_auxk,
+                                        mask=tile_in, other=0.0).to(tl.float32)
             va = mma(v, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
-            if HAS_DROPOUT:
-                va = va * z
-            acc += va * scale
+            va = va * scale
+            if DORA_DROPOUT:
+                acc = acc_plain + z * (acc - acc_plain + va)
+            else:
+                if HAS_DROPOUT:
+                    va = va * z
+                acc += va
             tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=tile_in)
 
     da_ptrs = da_ptr + pid_s.to(tl.int64) * stride_das + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak
@@ -84,7 +105,7 @@ def _lora_linear_bwd_kernel(
 
 _lora_linear_bwd_tuned = triton.autotune(
     configs=configs.autotune_configs("linear_bwd"),
-    key=["M_BUCKET", "N", "K", "R", "BASE_GEMM", "COMPUTE_DX", "HAS_DROPOUT"],
+    key=["M_BUCKET", "N", "K", "R", "BASE_GEMM", "COMPUTE_DX", "HAS_DROPOUT", "DORA", "DORA_DROPOUT"],
     prune_configs_by={"early_config_prune": configs.prune_by_rank("linear_bwd")},
     restore_value=["dx_ptr"],  # the hybrid path accumulates into dx
 )(_lora_linear_bwd_kernel)
@@ -101,25 +122,29 @@ def _split_m(M: int, k_blocks: int, device) -> tuple[int, int]:
 
 
 def lora_linear_bwd(grad_y, weight, v, lora_a, x, scale: float, seed: int, dropout_p: float,
-                    dx=None, compute_dx: bool = True):
-    """dx and dA of DESIGN.md §2 from g (M×N), W (N×K), v = g·B (M×r), A (r×K), x (M×K).
+                    dx=None, compute_dx: bool = True, dora_scale=None, aux=None):
+    """dx and dA of DESIGN.md §2/§3 from g (M×N), W (N×K), v (M×r), A (r×K), x (M×K).
 
     Fused: dx is None and compute_dx -> dx is allocated and g·W computed in the kernel.
-    Hybrid: dx given (holding g·W from cuBLAS) -> the LoRA term is added in place.
-    compute_dx=False -> only dA. Returns (dx or None, dA) with dA in x's dtype.
+    Hybrid: dx given (holding g·W from cuBLAS; DoRA: gc·W) -> the LoRA term is added in place.
+    compute_dx=False -> only dA. DoRA: ``dora_scale`` c (N, fp32; v must be gc·B); with dropout
+    the hybrid path also passes ``aux`` = g·W. Returns (dx or None, dA) with dA in x's dtype.
     """
     M, K = x.shape
     N = grad_y.shape[1]
     R = lora_a.shape[0]
     base_gemm = compute_dx and dx is None
+    dora = dora_scale is not None
+    dora_dropout = dora and dropout_p > 0.0
     if base_gemm:
         dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
     if M == 0:
         return dx, torch.zeros((R, K), dtype=x.dtype, device=x.device)
     dx_arg = dx if compute_dx else x  # never written when COMPUTE_DX is False
+    aux_arg = aux if (dora_dropout and not base_gemm and compute_dx) else x
     flags = dict(
-        BASE_GEMM=base_gemm, COMPUTE_DX=compute_dx, HAS_DROPOUT=dropout_p > 0.0,
-        DOT_FP32=configs.dot_fp32(), INPUT_PRECISION=configs.input_precision(x.dtype),
+        BASE_GEMM=base_gemm, COMPUTE_DX=compute_dx, HAS_DROPOUT=dropout_p > 0.0, DORA=dora,
+        DORA_DROPOUT=dora_dropout, DOT_FP32=configs.dot_fp32(), INPUT_PRECISION=configs.input_precision(x.dtype),
         BLOCK_R=configs.block_rank(R),
     )
 
@@ -127,11 +152,11 @@ def lora_linear_bwd(grad_y, weight, v, lora_a, x, scale: float, seed: int, dropo
         splits, rows_per_split = _split_m(M, triton.cdiv(K, block_k), x.device)
         partial = torch.empty((splits, R, K), dtype=torch.float32, device=x.device)
         return partial, splits, (
-            grad_y, weight, v, lora_a, x, dx_arg, partial,
+            grad_y, weight, v, lora_a, x, dora_scale if dora else x, aux_arg, dx_arg, partial,
             M, N, K, R,
             grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
             v.stride(0), v.stride(1), lora_a.stride(0), lora_a.stride(1),
-            x.stride(0), x.stride(1), dx_arg.stride(0), dx_arg.stride(1),
+            x.stride(0), x.stride(1), aux_arg.stride(0), aux_arg.stride(1), dx_arg.stride(0), dx_arg.stride(1),
             partial.stride(0), partial.stride(1), partial.stride(2),
             seed, float(dropout_p), 1.0 / (1.0 - dropout_p), float(scale), rows_per_split,
             configs.m_bucket(M),

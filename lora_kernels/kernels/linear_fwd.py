@@ -1,10 +1,13 @@
 """Forward GEMM with the LoRA expand in its epilogue: ``_lora_linear_fwd_kernel`` and its launcher.
 
-    y = x·Wᵀ + b + s·u·Bᵀ        (u = (x ⊙ Z)·Aᵀ from :mod:`.shrink`)
+    LoRA:            y = x·Wᵀ + b + s·u·Bᵀ                      (u = (x ⊙ Z)·Aᵀ from :mod:`.shrink`)
+    DoRA, no drop:   h = x·Wᵀ + s·u·Bᵀ,   y = c ⊙ h + b
+    DoRA, dropout:   h = xd·Wᵀ + s·u·Bᵀ,  y = x·Wᵀ + b + c ⊙ h − xd·Wᵀ
+                     (= x·Wᵀ + b + (c − 1) ⊙ (xd·Wᵀ) + c ⊙ s·u·Bᵀ, PEFT's formula; xd = x ⊙ Z)
 
-BASE_GEMM=True is the fused path: the kernel computes x·Wᵀ itself and writes y once.
-BASE_GEMM=False is the hybrid path: y already holds cuBLAS's x·Wᵀ + b and the kernel adds
-s·u·Bᵀ into it in place (one read and one write of y).
+BASE_GEMM=True is the fused path: the kernel computes x·Wᵀ (and xd·Wᵀ, sharing each W tile)
+itself and writes y (and h) once. BASE_GEMM=False is the hybrid path: cuBLAS already wrote x·Wᵀ
+into y (LoRA: plus b) and, for DoRA with dropout, xd·Wᵀ into h; the kernel finishes them in place.
 """
 from __future__ import annotations
 
@@ -18,17 +21,20 @@ from .dropout import mma
 
 @triton.jit
 def _lora_linear_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr,
+    x_ptr, xd_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, c_ptr, y_ptr, h_ptr,
     M, N, K, R,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur,
-    stride_bn, stride_br, stride_ym, stride_yn,
+    stride_xm, stride_xk, stride_xdm, stride_xdk, stride_wn, stride_wk, stride_um, stride_ur,
+    stride_bn, stride_br, stride_ym, stride_yn, stride_hm, stride_hn,
     scale,
     M_BUCKET,  # autotune key only
-    BASE_GEMM: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BASE_GEMM: tl.constexpr, HAS_BIAS: tl.constexpr, DORA: tl.constexpr, DORA_DROPOUT: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """x: M×K, w: N×K, bias: N, u: M×R, b (lora_b): N×R, y: M×N (input too when not BASE_GEMM)."""
+    """x, xd: M×K, w: N×K, bias: N, u: M×R, b (lora_b): N×R, c: N (fp32), y, h: M×N.
+
+    y is an input too when not BASE_GEMM (and h when DORA_DROPOUT and not BASE_GEMM).
+    """
     # Grouped ordering: GROUP_M row-blocks share each column panel of W while it is in L2.
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -44,65 +50,96 @@ def _lora_linear_fwd_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     m_in = offs_m < M
     n_in = offs_n < N
+    tile_in = m_in[:, None] & n_in[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    h_ptrs = h_ptr + offs_m[:, None] * stride_hm + offs_n[None, :] * stride_hn
 
+    acc_dropped = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # xd·Wᵀ (DoRA with dropout only)
     if BASE_GEMM:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             k_in = offs_k < K
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=m_in[:, None] & k_in[None, :], other=0.0)
             w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                         mask=k_in[:, None] & n_in[None, :], other=0.0)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=m_in[:, None] & k_in[None, :], other=0.0)
             acc = mma(x, w, acc, DOT_FP32, INPUT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+            if DORA_DROPOUT:
+                xd = tl.load(xd_ptr + offs_m[:, None] * stride_xdm + offs_k[None, :] * stride_xdk,
+                             mask=m_in[:, None] & k_in[None, :], other=0.0)
+                acc_dropped = mma(xd, w, acc_dropped, DOT_FP32, INPUT_PRECISION)
     else:
-        acc = tl.load(y_ptrs, mask=m_in[:, None] & n_in[None, :], other=0.0).to(tl.float32)
+        acc = tl.load(y_ptrs, mask=tile_in, other=0.0).to(tl.float32)
+        if DORA_DROPOUT:
+            acc_dropped = tl.load(h_ptrs, mask=tile_in, other=0.0).to(tl.float32)
 
-    # Expand epilogue: + s·u_tile·B_tileᵀ (rank padded to BLOCK_R with zeros).
+    # Expand epilogue: s·u_tile·B_tileᵀ (rank padded to BLOCK_R with zeros).
     r_in = offs_r < R
     u = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
                 mask=m_in[:, None] & r_in[None, :], other=0.0)
     b_t = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
                   mask=r_in[:, None] & n_in[None, :], other=0.0)
     lora = mma(u, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
-    acc += lora * scale  # scale arrives as an fp32 scalar
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
+    lora = lora * scale  # scale arrives as an fp32 scalar
+
+    if DORA:
+        c = tl.load(c_ptr + offs_n, mask=n_in, other=0.0)[None, :]
+        if DORA_DROPOUT:
+            h = acc_dropped + lora
+            out = acc + c * h - acc_dropped
+        else:
+            h = acc + lora
+            out = c * h
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=tile_in)
+    else:
+        out = acc + lora
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=tile_in)
 
 
 _lora_linear_fwd_tuned = triton.autotune(
     configs=configs.autotune_configs("linear_fwd"),
-    key=["M_BUCKET", "N", "K", "R", "BASE_GEMM", "HAS_BIAS"],
+    key=["M_BUCKET", "N", "K", "R", "BASE_GEMM", "HAS_BIAS", "DORA", "DORA_DROPOUT"],
     prune_configs_by={"early_config_prune": configs.prune_by_rank("linear_fwd")},
-    restore_value=["y_ptr"],  # the hybrid path accumulates into y: tuning runs must not compound
+    # the hybrid path accumulates into y (and h): tuning runs must not compound
+    restore_value=["y_ptr", "h_ptr"],
 )(_lora_linear_fwd_kernel)
 
 
-def lora_linear_fwd(x, weight, bias, u, lora_b, scale: float, y=None) -> torch.Tensor:
-    """Fused (y is None): y = x·Wᵀ + b + s·u·Bᵀ. Hybrid (y given, = x·Wᵀ + b): y += s·u·Bᵀ in place.
+def lora_linear_fwd(x, weight, bias, u, lora_b, scale: float, y=None, dora_scale=None, h=None, x_dropped=None):
+    """The forward GEMM + epilogue. x: M×K, weight: N×K, bias: N or None, u: M×r, lora_b: N×r; any strides.
 
-    x: M×K, weight: N×K, bias: N or None, u: M×r, lora_b: N×r; any strides.
+    Fused (y is None): computes x·Wᵀ itself. Hybrid (y given, holding x·Wᵀ, plus b for LoRA):
+    finishes y in place. ``bias`` is added by the kernel whenever it is given (the LoRA hybrid path
+    lets cuBLAS add it and passes None). DoRA: ``dora_scale`` c (N, fp32) and ``h`` (M×N, written;
+    for the hybrid path with dropout it must hold xd·Wᵀ on entry); ``x_dropped`` (x ⊙ Z, M×K)
+    selects the dropout formula (fused path: used as a GEMM operand).
     """
     M, K = x.shape
     N, R = lora_b.shape
     base_gemm = y is None
+    dora = dora_scale is not None
+    dora_dropout = dora and x_dropped is not None
     if base_gemm:
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
-    has_bias = base_gemm and bias is not None
+    xd = x_dropped if dora_dropout else x
     args = (
-        x, weight, bias if has_bias else x, u, lora_b, y,
+        x, xd, weight, bias if bias is not None else x, u, lora_b,
+        dora_scale if dora else x, y, h if dora else y,
         M, N, K, R,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), u.stride(0), u.stride(1),
-        lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
+        x.stride(0), x.stride(1), xd.stride(0), xd.stride(1), weight.stride(0), weight.stride(1),
+        u.stride(0), u.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
+        (h if dora else y).stride(0), (h if dora else y).stride(1),
         float(scale), configs.m_bucket(M),
     )
     flags = dict(
-        BASE_GEMM=base_gemm, HAS_BIAS=has_bias, DOT_FP32=configs.dot_fp32(),
-        INPUT_PRECISION=configs.input_precision(x.dtype), BLOCK_R=configs.block_rank(R),
+        BASE_GEMM=base_gemm, HAS_BIAS=bias is not None, DORA=dora, DORA_DROPOUT=dora_dropout,
+        DOT_FP32=configs.dot_fp32(), INPUT_PRECISION=configs.input_precision(x.dtype),
+        BLOCK_R=configs.block_rank(R),
     )
     if configs.use_fixed_config():
         meta = configs.fixed_config("linear_fwd", flags["BLOCK_R"], x.element_size())

@@ -21,17 +21,19 @@ from .dropout import dropout_multiplier, mma
 
 @triton.jit
 def _lora_shrink_kernel(
-    inp_ptr, mat_ptr, out_ptr,
+    inp_ptr, mat_ptr, out_ptr, dropped_ptr,
     P, Q, R,
-    stride_ip, stride_iq, stride_mq, stride_mr, stride_os, stride_op, stride_or,
+    stride_ip, stride_iq, stride_mq, stride_mr, stride_os, stride_op, stride_or, stride_dp, stride_dq,
     seed, dropout_p, keep_scale, mask_row_len, q_per_split,
     P_BUCKET,  # autotune key only
-    HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, STORE_DROPPED: tl.constexpr, DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     """inp: P×Q, mat: Q×R, out: S×P×R (S = number of splits over Q, program axis 1).
 
-    With HAS_DROPOUT, inp[p, q] is multiplied by Z at flat index p·mask_row_len + q.
+    With HAS_DROPOUT, inp[p, q] is multiplied by Z at flat index p·mask_row_len + q; with
+    STORE_DROPPED that product is also written to dropped (P×Q) — DoRA's dropout term needs it as a
+    GEMM operand (a transient, never saved for backward).
     """
     pid_p = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -53,6 +55,9 @@ def _lora_shrink_kernel(
         if HAS_DROPOUT:
             z = dropout_multiplier(seed, offs_p[:, None] * mask_row_len + offs_q[None, :], dropout_p, keep_scale)
             a = (a * z).to(inp_ptr.dtype.element_ty)
+            if STORE_DROPPED:
+                tl.store(dropped_ptr + offs_p[:, None] * stride_dp + offs_q[None, :] * stride_dq, a,
+                         mask=p_in[:, None] & q_in[None, :])
         b = tl.load(
             mat_ptr + offs_q[:, None] * stride_mq + offs_r[None, :] * stride_mr,
             mask=q_in[:, None] & r_in[None, :], other=0.0,
@@ -65,25 +70,27 @@ def _lora_shrink_kernel(
 
 _lora_shrink_tuned = triton.autotune(
     configs=configs.autotune_configs("shrink"),
-    key=["P_BUCKET", "Q", "R", "HAS_DROPOUT"],
+    key=["P_BUCKET", "Q", "R", "HAS_DROPOUT", "STORE_DROPPED"],
     prune_configs_by={"early_config_prune": configs.prune_by_rank("shrink")},
 )(_lora_shrink_kernel)
 
 
-def _launch_shrink(inp, mat, out, *, splits, q_per_split, seed=0, dropout_p=0.0, mask_row_len=0):
+def _launch_shrink(inp, mat, out, *, splits, q_per_split, seed=0, dropout_p=0.0, mask_row_len=0, dropped=None):
     """Launch over inp (P×Q), mat (Q×R) into out (splits×P×R). Strides are passed, nothing is copied."""
     P, Q = inp.shape
     R = mat.shape[1]
     has_dropout = dropout_p > 0.0
+    store_dropped = has_dropout and dropped is not None
+    dropped_arg = dropped if store_dropped else inp
     args = (
-        inp, mat, out, P, Q, R,
+        inp, mat, out, dropped_arg, P, Q, R,
         inp.stride(0), inp.stride(1), mat.stride(0), mat.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), dropped_arg.stride(0), dropped_arg.stride(1),
         seed, float(dropout_p), 1.0 / (1.0 - dropout_p), mask_row_len, q_per_split,
         configs.m_bucket(P),
     )
     flags = dict(
-        HAS_DROPOUT=has_dropout, DOT_FP32=configs.dot_fp32(),
+        HAS_DROPOUT=has_dropout, STORE_DROPPED=store_dropped, DOT_FP32=configs.dot_fp32(),
         INPUT_PRECISION=configs.input_precision(inp.dtype), BLOCK_R=configs.block_rank(R),
     )
     if configs.use_fixed_config():
@@ -94,13 +101,25 @@ def _launch_shrink(inp, mat, out, *, splits, q_per_split, seed=0, dropout_p=0.0,
         _lora_shrink_tuned[grid](*args, **flags)
 
 
-def lora_shrink_fwd(x: torch.Tensor, lora_a: torch.Tensor, seed: int, dropout_p: float) -> torch.Tensor:
-    """u = (x ⊙ Z)·Aᵀ for x (M×K, any strides) and A (r×K). Returns u (M×r) in x's dtype."""
+def lora_shrink_fwd(x: torch.Tensor, lora_a: torch.Tensor, seed: int, dropout_p: float,
+                    dropped: torch.Tensor | None = None) -> torch.Tensor:
+    """u = (x ⊙ Z)·Aᵀ for x (M×K, any strides) and A (r×K). Returns u (M×r) in x's dtype.
+
+    If ``dropped`` (M×K) is given and p > 0, x ⊙ Z is also written there.
+    """
     M, K = x.shape
     u = torch.empty((M, lora_a.shape[0]), dtype=x.dtype, device=x.device)
     _launch_shrink(x, lora_a.t(), u.unsqueeze(0), splits=1, q_per_split=K,
-                   seed=seed, dropout_p=dropout_p, mask_row_len=K)
+                   seed=seed, dropout_p=dropout_p, mask_row_len=K, dropped=dropped)
     return u
+
+
+def weight_a_product(weight: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    """W·Aᵀ (N×r) in fp32 in one pass over W (DoRA's norm, lora_kernels.dora)."""
+    N, K = weight.shape
+    out = torch.empty((1, N, lora_a.shape[0]), dtype=torch.float32, device=weight.device)
+    _launch_shrink(weight, lora_a.t(), out, splits=1, q_per_split=K)
+    return out[0]
 
 
 def lora_shrink_bwd(grad_y: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
@@ -111,8 +130,12 @@ def lora_shrink_bwd(grad_y: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
     return v
 
 
-def lora_b_grad_bwd(grad_y: torch.Tensor, u: torch.Tensor, scale: float) -> torch.Tensor:
-    """dB = s·gᵀ·u (N×r), reduced over tokens in a fixed number of fp32 partials (deterministic)."""
+def lora_b_grad_bwd(grad_y: torch.Tensor, u: torch.Tensor, scale: float,
+                    row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """dB = s·gᵀ·u (N×r), reduced over tokens in a fixed number of fp32 partials (deterministic).
+
+    ``row_scale`` (N, fp32) multiplies row j of dB (DoRA: dB = c ⊙ s·gᵀ·u) before the final cast.
+    """
     M, N = grad_y.shape
     R = u.shape[1]
     if M == 0:
@@ -125,4 +148,7 @@ def lora_b_grad_bwd(grad_y: torch.Tensor, u: torch.Tensor, scale: float) -> torc
     splits = triton.cdiv(M, q_per_split)
     partial = torch.empty((splits, N, R), dtype=torch.float32, device=grad_y.device)
     _launch_shrink(grad_y.t(), u, partial, splits=splits, q_per_split=q_per_split)
-    return (partial.sum(0) * scale).to(grad_y.dtype)
+    grad_b = partial.sum(0) * scale
+    if row_scale is not None:
+        grad_b *= row_scale[:, None]
+    return grad_b.to(grad_y.dtype)
