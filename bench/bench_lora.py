@@ -3,8 +3,9 @@
 Providers (each validated once against the reference before it is timed):
     base     F.linear(x, W, b) alone, the physical floor (forward, and dx in backward)
     unfused  the strongest eager path: cuBLAS x·Wᵀ + b, nn.functional.dropout, then
-             y.addmm_((drop(x)·Aᵀ), Bᵀ, alpha=s) in place (what Unsloth-style code does)
-    peft     PEFT's lora.Linear, when peft is installed
+             y.addmm_((drop(x)·Aᵀ), Bᵀ, alpha=s) in place (what Unsloth-style code does);
+             LoRA only — for DoRA the eager baseline is PEFT's layer
+    peft     PEFT's lora.Linear (use_dora for DoRA shapes), when peft is installed
     torch    lora_kernels, torch backend
     fused    lora_kernels, Triton fused path
     hybrid   lora_kernels, Triton hybrid path (cuBLAS GEMMs + Triton LoRA kernels)
@@ -26,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lora_kernels import lora_linear, lora_linear_ref
+from lora_kernels import dora_linear, dora_linear_ref, lora_linear, lora_linear_ref
+from lora_kernels.reference import dora_weight_norm_ref
 
 LLAMA3_8B_PROJECTIONS = {  # (in_features K, out_features N)
     "q/o 4096→4096": (4096, 4096),
@@ -46,6 +48,7 @@ class Shape:
     r: int
     dropout_p: float
     dtype: str = "bfloat16"
+    dora: bool = False
 
     @property
     def torch_dtype(self):
@@ -83,6 +86,10 @@ def default_shapes(tokens=(2048, 8192, 16384), ranks=(16,), dropouts=(0.0, 0.1),
     for name, (k, n) in LLAMA3_8B_PROJECTIONS.items():
         for r in extra_ranks:
             shapes.append(Shape(name, tokens[len(tokens) // 2], k, n, r, 0.1))
+    # DoRA at r = 16, both dropout settings, one token count
+    for name, (k, n) in LLAMA3_8B_PROJECTIONS.items():
+        for p in dropouts:
+            shapes.append(Shape(name, tokens[len(tokens) // 2], k, n, ranks[0], p, dora=True))
     return shapes
 
 
@@ -99,15 +106,21 @@ def make_problem(shape: Shape, device: str, seed: int = 0):
     a = rnd(shape.r, shape.k, std=shape.k ** -0.5).requires_grad_(True)
     b = rnd(shape.n, shape.r, std=shape.r ** -0.5).requires_grad_(True)
     grad = rnd(shape.m, shape.n)
-    return x, w, bias, a, b, grad
+    mag = None
+    if shape.dora:
+        mag = (dora_weight_norm_ref(w.float(), a.detach().float(), b.detach().float(), 2.0) * 1.1).to(dt)
+        mag.requires_grad_(True)
+    return x, w, bias, a, b, grad, mag
 
 
 def provider_fn(provider: str, shape: Shape, problem, scale: float = 2.0):
     """(zero-argument callable computing y, tensors to differentiate) for ``provider``, or None."""
-    x, w, bias, a, b, _ = problem
+    x, w, bias, a, b, _, mag = problem
     p = shape.dropout_p
     if provider == "base":
         return (lambda: F.linear(x, w, bias)), [x]
+    if provider == "unfused" and shape.dora:
+        return None  # for DoRA the eager baseline is PEFT's layer
     if provider == "unfused":
         def unfused():
             y = F.linear(x, w, bias)
@@ -132,14 +145,22 @@ def provider_fn(provider: str, shape: Shape, problem, scale: float = 2.0):
         with torch.no_grad():
             model.proj.weight.copy_(w)
             model.proj.bias.copy_(bias)
-        cfg = peft.LoraConfig(r=shape.r, lora_alpha=scale * shape.r, lora_dropout=p, target_modules=["proj"])
+        cfg = peft.LoraConfig(r=shape.r, lora_alpha=scale * shape.r, lora_dropout=p, target_modules=["proj"],
+                              use_dora=shape.dora)
         model = peft.get_peft_model(model, cfg)  # PEFT's defaults (it may keep adapters in fp32)
         layer = model.base_model.model.proj
+        trainable = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
         with torch.no_grad():
             layer.lora_A["default"].weight.copy_(a)
             layer.lora_B["default"].weight.copy_(b)
+            if shape.dora:
+                layer.lora_magnitude_vector["default"].weight.copy_(mag)
+                trainable.append(layer.lora_magnitude_vector["default"].weight)
         model.train()
-        return (lambda: layer(x)), [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+        return (lambda: layer(x)), trainable
+    if provider in OUR_PROVIDERS and shape.dora:
+        return (lambda: dora_linear(x, w, a, b, mag, scale, bias=bias, dropout_p=p, seed=1234,
+                                    backend=provider)), [x, a, b, mag]
     if provider in OUR_PROVIDERS:
         return (lambda: lora_linear(x, w, a, b, scale, bias=bias, dropout_p=p, seed=1234, backend=provider)), [x, a, b]
     raise ValueError(f"unknown provider {provider!r}")
@@ -148,7 +169,7 @@ def provider_fn(provider: str, shape: Shape, problem, scale: float = 2.0):
 def validate(provider: str, shape: Shape, problem, scale: float = 2.0) -> float:
     """Normwise relative error of y against the fp32 reference (same mask for our providers;
     other providers draw their own masks, so they are validated with dropout off)."""
-    x, w, bias, a, b, _ = problem
+    x, w, bias, a, b, _, mag = problem
     p = shape.dropout_p if provider in OUR_PROVIDERS else 0.0
     vshape = Shape(**{**asdict(shape), "dropout_p": p})
     fn, _ = provider_fn(provider, vshape, problem, scale)
@@ -156,6 +177,9 @@ def validate(provider: str, shape: Shape, problem, scale: float = 2.0) -> float:
         y = fn().float()
         if provider == "base":
             ref = F.linear(x.float(), w.float(), bias.float())
+        elif shape.dora:
+            ref = dora_linear_ref(x.float(), w.float(), a.float(), b.float(), mag.float(), scale, bias.float(), p,
+                                  1234)
         else:
             ref = lora_linear_ref(x.float(), w.float(), a.float(), b.float(), scale, bias.float(), p, 1234)
     return ((y - ref).norm() / ref.norm()).item()
@@ -200,8 +224,10 @@ def saved_bytes(fn, known: set[int]) -> int:
 def run_shape(shape: Shape, providers, device: str, modes=("fwd", "bwd", "fwdbwd"), tol: float = 3e-2):
     """Rows for one shape; a provider that fails validation is reported, not timed."""
     problem = make_problem(shape, device)
-    x, w, bias, a, b, grad = problem
+    x, w, bias, a, b, grad, mag = problem
     known = {x.data_ptr(), w.data_ptr(), bias.data_ptr(), a.data_ptr(), b.data_ptr()}
+    if mag is not None:
+        known.add(mag.data_ptr())
     bench = _timer(device)
     rows = []
     for provider in providers:
@@ -251,15 +277,16 @@ def markdown_table(rows: list[Row]) -> str:
         if row.mode not in ("fwdbwd", "invalid"):
             continue
         s = row.shape
-        key = f"{s['name']} | {s['m']} | {s['r']} | {s['dropout_p']} | {s['dtype']}"
+        kind = "DoRA" if s.get("dora") else "LoRA"
+        key = f"{kind} | {s['name']} | {s['m']} | {s['r']} | {s['dropout_p']} | {s['dtype']}"
         if key not in by_shape:
             by_shape[key] = {}
             order.append(key)
         by_shape[key][row.provider] = row
     providers = [p for p in ("base", "unfused", "peft", "torch", "fused", "hybrid")
                  if any(p in d for d in by_shape.values())]
-    head = "| projection | tokens | r | p | dtype | " + " | ".join(f"{p} ms" for p in providers)
-    head += " | best ours / base | unfused / best ours | saved for bwd: ours / unfused |"
+    head = "| kind | projection | tokens | r | p | dtype | " + " | ".join(f"{p} ms" for p in providers)
+    head += " | best ours / base | eager / best ours | saved for bwd: ours / eager |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for key in order:
         d = by_shape[key]
@@ -270,7 +297,7 @@ def markdown_table(rows: list[Row]) -> str:
         ours = [d[p] for p in ("fused", "hybrid") if p in d and d[p].mode == "fwdbwd"] or \
                [d[p] for p in ("torch",) if p in d and d[p].mode == "fwdbwd"]
         best = min(ours, key=lambda r: r.ms_median) if ours else None
-        base, unf = d.get("base"), d.get("unfused")
+        base, unf = d.get("base"), d.get("unfused") or d.get("peft")  # eager baseline: PEFT for DoRA
         r1 = f"{best.ms_median / base.ms_median:.3f}" if best and base and base.mode == "fwdbwd" else "-"
         r2 = f"{unf.ms_median / best.ms_median:.3f}" if best and unf and unf.mode == "fwdbwd" else "-"
         r3 = (f"{_mib(best.saved_bytes)} / {_mib(unf.saved_bytes)}"

@@ -9,7 +9,8 @@ Steps, each bounded in time, each writing its log under $OUT:
   2. pytest.log        the test suite on CUDA (kernel tests run natively, fixed configs)
   3. check.log         `lora-kernels check` on the GPU grid (autotuned configs)
   4. bench.json/.md    fused / hybrid vs frozen base vs unfused cuBLAS+addmm_ (vs PEFT) at
-                       Llama-3-8B shapes, most important shapes first, until the time budget ends
+                       Llama-3-8B shapes, LoRA and DoRA (vs PEFT-DoRA), most important shapes
+                       first, until the time budget ends
 """
 from __future__ import annotations
 
@@ -127,11 +128,11 @@ def main() -> int:
     from bench.bench_lora import Shape, default_shapes, markdown_table, run_shape, write_results
 
     if args.smoke:
-        shapes = [Shape("tiny", 64, 96, 80, 8, p, "float32") for p in (0.0, 0.1)]
+        shapes = [Shape("tiny", 64, 96, 80, 8, p, "float32", dora) for dora in (False, True) for p in (0.0, 0.1)]
         providers = ["base", "unfused", "peft", "torch", "fused", "hybrid"]
     else:
         # most informative first: 8192 tokens, r=16, p=0.1, every projection
-        shapes = sorted(default_shapes(), key=lambda s: (s.m != 8192, s.r != 16, s.dropout_p == 0.0))
+        shapes = sorted(default_shapes(), key=lambda s: (s.m != 8192, s.r != 16, s.dora, s.dropout_p == 0.0))
         providers = ["base", "unfused", "peft", "fused", "hybrid"]
     rows, done = [], 0
     for shape in shapes:

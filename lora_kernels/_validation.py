@@ -86,7 +86,7 @@ def check_lora_inputs(x, weight, lora_a, lora_b, bias) -> None:
         raise ValueError(f"all tensors must be on one device, got {shown}")
 
 
-def check_dora_inputs(weight, magnitude, weight_sq_norm) -> None:
+def check_dora_inputs(weight, magnitude) -> None:
     """The DoRA-only arguments (the rest is checked by ``check_lora_inputs``)."""
     check_tensor("magnitude", magnitude, ndim=1)
     if isinstance(weight, torch.Tensor) and weight.dim() == 2 and magnitude.shape[0] != weight.shape[0]:
@@ -97,10 +97,3 @@ def check_dora_inputs(weight, magnitude, weight_sq_norm) -> None:
                          "magnitude and the adapters)")
     if isinstance(weight, torch.Tensor) and magnitude.device != weight.device:
         raise ValueError(f"magnitude is on {magnitude.device}, weight on {weight.device}: one device expected")
-    if weight_sq_norm is not None:
-        expected = torch.float64 if isinstance(weight, torch.Tensor) and weight.dtype == torch.float64 else torch.float32
-        if not isinstance(weight_sq_norm, torch.Tensor) or weight_sq_norm.dtype != expected:
-            raise TypeError(f"weight_sq_norm must be a {expected} tensor (‖W_j‖², from lora_kernels.dora.weight_sq_norm), "
-                            f"got {getattr(weight_sq_norm, 'dtype', type(weight_sq_norm).__name__)}")
-        if isinstance(weight, torch.Tensor) and weight_sq_norm.shape != (weight.shape[0],):
-            raise ValueError(f"weight_sq_norm must have shape ({weight.shape[0]},), got {tuple(weight_sq_norm.shape)}")

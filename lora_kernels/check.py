@@ -1,4 +1,5 @@
-"""``lora-kernels check``: every path against the float64 reference over a grid of cases."""
+"""``lora-kernels check``: every path (LoRA and DoRA, forward and every gradient) against the float64
+reference over a grid of cases."""
 from __future__ import annotations
 
 import time
@@ -18,6 +19,9 @@ SMALL_GRID = [
     LoraCase(33, 65, 70, 16, f32, 0.1, batch=3),
     LoraCase(150, 65, 70, 64, bf16, 0.1),
     LoraCase(50, 97, 65, 64, f16, 0.5, noncontiguous=True),
+    LoraCase(70, 90, 130, 8, f32, 0.0, dora=True),
+    LoraCase(33, 65, 70, 16, bf16, 0.1, batch=3, dora=True),
+    LoraCase(50, 97, 65, 12, f16, 0.5, bias=False, noncontiguous=True, dora=True),
 ]
 
 # Larger shapes for a GPU: several tiles and splits in every dimension, and a Llama-sized one.
@@ -28,6 +32,9 @@ GPU_GRID = SMALL_GRID + [
     LoraCase(2048, 4096, 4096, 16, bf16, 0.1),
     LoraCase(1024, 1024, 4096, 256, bf16, 0.5),
     LoraCase(333, 768, 1024, 12, f32, 0.1),
+    LoraCase(1000, 1100, 1300, 16, bf16, 0.1, dora=True),
+    LoraCase(2048, 4096, 4096, 16, bf16, 0.0, dora=True),
+    LoraCase(777, 2048, 1536, 64, f16, 0.1, noncontiguous=True, dora=True),
 ]
 
 
@@ -65,6 +72,6 @@ def run_check(device: str | None = None, grid: list[LoraCase] | None = None, pat
                 ok = err <= tol  # False for NaN too
                 failures += not ok
                 out(f"{path:8} {str(case):52} {qty:4} {err:9.2e} {tol:8.0e}  {'pass' if ok else 'FAIL'}")
-    total = sum(5 if c.bias else 4 for c in grid) * len(paths)
+    total = sum(4 + c.bias + c.dora for c in grid) * len(paths)
     out(f"# {total - failures}/{total} within tolerance in {time.perf_counter() - t0:.1f} s")
     return failures == 0

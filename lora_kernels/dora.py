@@ -1,15 +1,17 @@
-"""DoRA's row norm without building W + s·B·A (DESIGN.md §3).
+"""DoRA's row norm without building W + s·B·A (DESIGN.md §3): the torch-backend version.
 
-    n_j² = ‖W_j‖² + 2s·⟨(W·Aᵀ)_j, B_j⟩ + s²·B_j·(A·Aᵀ)·B_jᵀ
+    n_j = max(‖W_j + s·(B·A)_j‖₂, eps)
 
-computed in fp32 from ‖W_j‖² (N values; W is frozen, so callers may cache it), W·Aᵀ (N×r, fp32)
-and the r×r Gram matrix A·Aᵀ. Nothing N×K is allocated: each backend computes W·Aᵀ its own way
-(torch: row chunks; Triton: the shrink kernel with an fp32 output), this module does the rest.
+streamed over blocks of rows: each block forms W_rows + s·B_rows·A in fp32 (rows × K, a bounded
+transient, never N×K), squares and sums it. The Triton backend does the same tile by tile in
+registers (``lora_kernels.kernels.dora``).
 
-Why the identity rather than streaming W + s·B·A tile by tile: both read W once and cost 2·N·K·r
-flops, but the identity needs no extra kernel (W·Aᵀ is an existing thin GEMM), and ‖W_j‖² can be
-cached across steps. Cancellation when W_j ≈ −s·(B·A)_j (n_j ≪ ‖W_j‖) costs relative accuracy
-≈ eps32·‖W_j‖²/n_j²; n_j² is clamped at 0 before the square root.
+Why streaming rather than the low-rank identity n² = ‖W_j‖² + 2s·⟨(W·Aᵀ)_j, B_j⟩ + s²·B_j·(A·Aᵀ)·B_jᵀ:
+both read W once and cost 2·N·K·r multiply-adds, so the identity saves nothing per step (A
+changes every step, so W·Aᵀ must be recomputed even with ‖W_j‖² cached), but it cancels
+catastrophically when n_j ≪ ‖W_j‖ (relative error ≈ eps32·‖W_j‖²/n_j²). The property tests found
+such a row (K = 1, W_j ≈ −s·B_j·A, error 3e-3 in fp32); the streamed sum of squares has no
+cancellation. The GPU cost of the two has not been measured side by side yet.
 
 Epsilon: n is clamped to at least ``DORA_EPS`` (1e-12), so an all-zero row (W_j = 0, B_j = 0) gives
 c = m/n = 0/1e-12 = 0 and a finite output (PEFT divides 0 by 0 there and returns NaN).
@@ -22,28 +24,18 @@ from .reference import DORA_EPS
 
 
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The norm is computed in fp32 (fp64 for fp64 weights, so the fp64 oracle stays exact)."""
+    """The norm is accumulated in fp32 (fp64 for fp64 weights, so the fp64 oracle stays exact)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def weight_sq_norm(weight: torch.Tensor) -> torch.Tensor:
-    """‖W_j‖² (N,) in fp32 (fp64 for fp64 W), reduced without an fp32 copy of W."""
-    return torch.linalg.vector_norm(weight, dim=1, dtype=norm_dtype(weight.dtype)).square()
-
-
-def weight_a_product_torch(weight: torch.Tensor, lora_a: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
-    """W·Aᵀ (N×r) in fp32 (fp64 for fp64 W), upcasting W in row chunks (never an N×K fp32 copy)."""
+def dora_weight_norm_torch(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                           eps: float = DORA_EPS, chunk_rows: int = 256) -> torch.Tensor:
+    """n (N,) in fp32 (fp64 for fp64 W), streaming ``chunk_rows`` rows of W at a time."""
     acc = norm_dtype(weight.dtype)
-    a_t = lora_a.to(acc).t()
-    if weight.dtype == acc:
-        return weight @ a_t
-    return torch.cat([weight[i:i + chunk_rows].to(acc) @ a_t for i in range(0, weight.shape[0], chunk_rows)])
-
-
-def norm_from_products(w_sq: torch.Tensor, wa: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                       scale: float, eps: float = DORA_EPS) -> torch.Tensor:
-    """n (N,) from ‖W_j‖² and W·Aᵀ, in their dtype (fp32, or fp64 for the fp64 oracle)."""
-    a32, b32 = lora_a.to(wa.dtype), lora_b.to(wa.dtype)
-    gram = a32 @ a32.t()
-    n_sq = w_sq + 2.0 * scale * (wa * b32).sum(1) + scale * scale * ((b32 @ gram) * b32).sum(1)
-    return n_sq.clamp_min(0.0).sqrt().clamp_min(eps)
+    a = lora_a.detach().to(acc)
+    out = torch.empty(weight.shape[0], dtype=acc, device=weight.device)
+    for i in range(0, weight.shape[0], chunk_rows):
+        rows = weight[i:i + chunk_rows].detach().to(acc)
+        rows = rows.addmm(lora_b[i:i + chunk_rows].detach().to(acc), a, alpha=scale)
+        out[i:i + chunk_rows] = torch.linalg.vector_norm(rows, dim=1)
+    return out.clamp_min(eps)

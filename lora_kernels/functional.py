@@ -6,7 +6,6 @@ import torch
 from . import functions  # noqa: F401  (registers the lora_kernels:: custom ops)
 from ._validation import check_dora_inputs, check_dropout, check_lora_inputs, check_scale, check_seed
 from .backends import resolve_backend
-from .dora import weight_sq_norm as _weight_sq_norm
 from .dropout import draw_seed
 
 
@@ -79,24 +78,20 @@ def dora_linear(
     seed: int | None = None,
     training: bool = True,
     backend: str | None = None,
-    weight_sq_norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DoRA linear (PEFT's definition, DESIGN.md §3), forward and backward fused where a kernel exists.
 
-    With n_j = ‖W_j + s·(B·A)_j‖₂ (detached, fp32, never materialising W + s·B·A) and c = m/n:
+    With n_j = ‖W_j + s·(B·A)_j‖₂ (detached, fp32, streamed: never materialising W + s·B·A) and c = m/n:
       training with dropout_p > 0:  y = x·Wᵀ + b + (c − 1) ⊙ (xd·Wᵀ) + c ⊙ s·(xd·Aᵀ)·Bᵀ
       otherwise:                    y = c ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b
 
-    Args are those of :func:`lora_linear`, plus ``magnitude`` m (N,) — any floating dtype; the
-    gradient dm comes back in it — and ``weight_sq_norm``: ‖W_j‖² (N, fp32) if the caller caches it
-    (W is frozen), else it is computed (one read of W). The weight must not require grad.
+    Args are those of :func:`lora_linear`, plus ``magnitude`` m (N,), any floating dtype (the
+    gradient dm comes back in it). The weight must not require grad.
     """
-    check_dora_inputs(weight, magnitude, weight_sq_norm)
+    check_dora_inputs(weight, magnitude)
     x2d, weight, lora_a, lora_b, bias, scale, dropout_p, seed = _prepare(
         x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, training)
-    if weight_sq_norm is None:
-        weight_sq_norm = _weight_sq_norm(weight)
     impl = resolve_backend(backend, x2d, weight.shape[0], lora_a.shape[0])
     y, _, _, _ = torch.ops.lora_kernels.dora_linear_fwd(
-        x2d, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm, scale, dropout_p, seed, impl)
+        x2d, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, impl)
     return y.reshape(*x.shape[:-1], weight.shape[0])

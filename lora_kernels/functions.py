@@ -95,16 +95,15 @@ lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("lora_kernels::dora_linear_fwd", mutates_args=())
 def dora_linear_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, magnitude: Tensor,
-    weight_sq_norm: Tensor, scale: float, dropout_p: float, seed: int, impl: str,
+    scale: float, dropout_p: float, seed: int, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, u, h, norm) for a 2-D x; ``weight_sq_norm`` is ‖W_j‖² (N, fp32)."""
+    """(y, u, h, norm) for a 2-D x."""
     module, kw = _backend_module(impl)
-    return module.dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm, scale, dropout_p,
-                                  seed, **kw)
+    return module.dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, **kw)
 
 
 @dora_linear_fwd.register_fake
-def _(x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm, scale, dropout_p, seed, impl):
+def _(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, impl):
     m, n = x.shape[0], weight.shape[0]
     return (x.new_empty((m, n)), x.new_empty((m, lora_a.shape[0])), x.new_empty((m, n)),
             x.new_empty((n,), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))
@@ -129,7 +128,7 @@ def _(grad_y, x, weight, lora_a, lora_b, magnitude, u, h, norm, scale, dropout_p
 
 
 def _dora_setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm, scale, dropout_p, seed, impl = inputs
+    x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, impl = inputs
     _, u, h, norm = output
     ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, u, h, norm)
     ctx.mark_non_differentiable(u, h, norm)
@@ -151,7 +150,7 @@ def _dora_backward(ctx, grad_y, _grad_u, _grad_h, _grad_norm):
         grad_a, grad_b, grad_m = (da if need_a else None), (db if need_b else None), (dm if need_m else None)
     if need_bias:
         grad_bias = grad_y.sum(0)
-    return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None, None, None, None
+    return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None, None, None
 
 
 dora_linear_fwd.register_autograd(_dora_backward, setup_context=_dora_setup_context)

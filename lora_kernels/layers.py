@@ -9,7 +9,7 @@ from torch import nn
 
 from ._validation import check_dropout, check_rank
 from .backends import requested_backend
-from .dora import weight_sq_norm
+from .dora import dora_weight_norm_torch
 from .functional import dora_linear, lora_linear
 
 INITS = ("kaiming", "gaussian")
@@ -31,7 +31,7 @@ class LoRALinear(nn.Module):
     With ``use_dora=True`` the layer is DoRA (PEFT's definition, see ``lora_kernels.dora_linear``):
     a trainable magnitude ``lora_magnitude`` (out_features,) starts at the row norms of W, so the
     output again equals the base layer's at step 0 (exactly in fp32; within the rounding of m in
-    lower precision). ‖W_j‖² is cached and recomputed whenever the weight changes (its version).
+    lower precision).
     """
 
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
@@ -61,7 +61,6 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=w.dtype, device=w.device))
         self.merged = False
         self.use_dora = bool(use_dora)
-        self._w_sq_cache: tuple | None = None
         self.lora_magnitude = None
         self.register_buffer("_merged_dora_scale", None, persistent=False)
         self.reset_lora_parameters(init)
@@ -76,22 +75,10 @@ class LoRALinear(nn.Module):
         return cls(linear, rank, alpha, dropout=dropout, use_rslora=use_rslora, init=init, backend=backend,
                    use_dora=use_dora)
 
-    def weight_sq_norm(self) -> torch.Tensor:
-        """‖W_j‖², cached until the weight tensor changes (merge, load, in-place edits)."""
-        w = self.base_layer.weight
-        key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device)
-        if self._w_sq_cache is None or self._w_sq_cache[0] != key:
-            self._w_sq_cache = (key, weight_sq_norm(w.detach()))
-        return self._w_sq_cache[1]
-
     @torch.no_grad()
     def dora_weight_norm(self) -> torch.Tensor:
         """n_j = ‖W_j + s·(B·A)_j‖ in fp32, never building W + s·B·A (lora_kernels.dora)."""
-        from .dora import norm_from_products, weight_a_product_torch
-
-        w = self.base_layer.weight.detach()
-        return norm_from_products(self.weight_sq_norm(), weight_a_product_torch(w, self.lora_A),
-                                  self.lora_A, self.lora_B, self.scale)
+        return dora_weight_norm_torch(self.base_layer.weight, self.lora_A, self.lora_B, self.scale)
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "kaiming") -> None:
@@ -126,7 +113,7 @@ class LoRALinear(nn.Module):
         if self.use_dora:
             return dora_linear(x, self.weight, self.lora_A, self.lora_B, self.lora_magnitude, self.scale,
                                bias=self.bias, dropout_p=self.dropout, training=self.training,
-                               backend=self.backend, weight_sq_norm=self.weight_sq_norm())
+                               backend=self.backend)
         return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scale, bias=self.bias,
                            dropout_p=self.dropout, training=self.training, backend=self.backend)
 

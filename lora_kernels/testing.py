@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .functional import lora_linear
-from .reference import lora_linear_ref
+from .functional import dora_linear, lora_linear
+from .reference import dora_linear_ref, dora_weight_norm_ref, lora_linear_ref
 
 # Normwise relative tolerance per compute dtype. float32 assumes tf32 off. The half-precision
 # figures allow for the output rounding plus the rounding of the rank-r intermediates (u, v).
@@ -22,7 +22,7 @@ TOLERANCES = {
     torch.bfloat16: 2e-2,
 }
 
-QUANTITIES = ("y", "dx", "dA", "dB", "db")
+QUANTITIES = ("y", "dx", "dA", "dB", "dm", "db")
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -50,15 +50,18 @@ class LoraCase:
     noncontiguous: bool = False  # x is a transposed view (stride along K != 1)
     seed: int = 1234
     scale: float = 2.0
+    dora: bool = False  # DoRA (a magnitude vector m is drawn too) instead of LoRA
 
     def __str__(self) -> str:
         lead = f"{self.batch}x{self.m}" if self.batch else f"{self.m}"
         extras = ("+bias" if self.bias else "") + (" nc" if self.noncontiguous else "")
-        return f"M={lead} N={self.n} K={self.k} r={self.r} {str(self.dtype)[6:]} p={self.dropout_p}{extras}"
+        kind = "DoRA " if self.dora else ""
+        return f"{kind}M={lead} N={self.n} K={self.k} r={self.r} {str(self.dtype)[6:]} p={self.dropout_p}{extras}"
 
 
 def make_inputs(case: LoraCase, device="cpu", generator: torch.Generator | None = None):
-    """Fresh random inputs (no zeros: B is random too, unlike at init) in the case's dtype."""
+    """Fresh random inputs (no zeros: B is random too, unlike at init) in the case's dtype:
+    (x, weight, lora_a, lora_b, bias, grad_y, magnitude); magnitude is None unless case.dora."""
     g = generator or torch.Generator().manual_seed(case.seed)
     lead = (case.batch, case.m) if case.batch else (case.m,)
 
@@ -74,29 +77,43 @@ def make_inputs(case: LoraCase, device="cpu", generator: torch.Generator | None 
     lora_b = rnd(case.n, case.r, std=case.r ** -0.5)
     bias = rnd(case.n) if case.bias else None
     grad_y = rnd(*lead, case.n)
-    return x, weight, lora_a, lora_b, bias, grad_y
+    magnitude = None
+    if case.dora:  # m = n·(1 + U[0, 0.3)): away from the init m = n, so dm and c − 1 matter
+        norm = dora_weight_norm_ref(weight.double().cpu(), lora_a.double().cpu(), lora_b.double().cpu(), case.scale)
+        magnitude = (norm * (1 + 0.3 * torch.rand(case.n, generator=g, dtype=torch.float64))).to(case.dtype).to(device)
+    return x, weight, lora_a, lora_b, bias, grad_y, magnitude
+
+
+def _leaves(case, x, lora_a, lora_b, bias, magnitude):
+    leaves = {"dx": x.detach().clone(), "dA": lora_a.detach().clone(), "dB": lora_b.detach().clone()}
+    if case.noncontiguous:
+        leaves["dx"] = x.detach().transpose(-1, -2).clone().transpose(-1, -2)
+    if magnitude is not None:
+        leaves["dm"] = magnitude.detach().clone()
+    if bias is not None:
+        leaves["db"] = bias.detach().clone()
+    for t in leaves.values():
+        t.requires_grad_(True)
+    return leaves
 
 
 def run_path(backend: str, case: LoraCase, inputs, poison: bool = True) -> dict[str, torch.Tensor]:
-    """y and every gradient from ``lora_linear`` on ``backend``.
+    """y and every gradient from ``lora_linear`` (or ``dora_linear``) on ``backend``.
 
-    With ``poison``, each gradient buffer starts NaN-filled (accumulated into by autograd), so any
-    element a kernel did not write shows up as NaN.
+    With ``poison``, each gradient is copied into a NaN-filled buffer of its shape and strides, so
+    a result with elements a kernel never wrote (NaN in the kernel's output) cannot pass.
     """
-    x, weight, lora_a, lora_b, bias, grad_y = inputs
-    leaves = {"dx": x.detach().clone(), "dA": lora_a.detach().clone(), "dB": lora_b.detach().clone()}
-    if bias is not None:
-        leaves["db"] = bias.detach().clone()
-    if case.noncontiguous:
-        leaves["dx"] = x.detach().transpose(-1, -2).clone().transpose(-1, -2)
-    for t in leaves.values():
-        t.requires_grad_(True)
-    y = lora_linear(leaves["dx"], weight, leaves["dA"], leaves["dB"], case.scale, bias=leaves.get("db"),
-                    dropout_p=case.dropout_p, seed=case.seed, backend=backend)
+    x, weight, lora_a, lora_b, bias, grad_y, magnitude = inputs
+    leaves = _leaves(case, x, lora_a, lora_b, bias, magnitude)
+    common = dict(bias=leaves.get("db"), dropout_p=case.dropout_p, seed=case.seed, backend=backend)
+    if case.dora:
+        y = dora_linear(leaves["dx"], weight, leaves["dA"], leaves["dB"], leaves["dm"], case.scale, **common)
+    else:
+        y = lora_linear(leaves["dx"], weight, leaves["dA"], leaves["dB"], case.scale, **common)
     out = {"y": y.detach()}
     grads = torch.autograd.grad(y, list(leaves.values()), grad_y)
     for name, grad in zip(leaves, grads):
-        if poison:  # a kernel that skipped elements would leave these NaN
+        if poison:
             buf = torch.full_like(grad, float("nan"))
             buf.copy_(grad)
             grad = buf
@@ -106,21 +123,31 @@ def run_path(backend: str, case: LoraCase, inputs, poison: bool = True) -> dict[
 
 def run_reference(case: LoraCase, inputs) -> dict[str, torch.Tensor]:
     """The float64 reference on the same (rounded) inputs and the same mask."""
-    x, weight, lora_a, lora_b, bias, grad_y = (t.detach().double().cpu() if t is not None else None for t in inputs)
-    leaves = {"dx": x, "dA": lora_a, "dB": lora_b}
-    if bias is not None:
-        leaves["db"] = bias
-    for t in leaves.values():
-        t.requires_grad_(True)
-    y = lora_linear_ref(x, weight, lora_a, lora_b, case.scale, bias=leaves.get("db"),
-                        dropout_p=case.dropout_p, seed=case.seed)
+    x, weight, lora_a, lora_b, bias, grad_y, magnitude = (
+        t.detach().double().cpu() if t is not None else None for t in inputs)
+    leaves = _leaves(case, x, lora_a, lora_b, bias, magnitude)
+    if case.dora:
+        y = dora_linear_ref(leaves["dx"], weight, leaves["dA"], leaves["dB"], leaves["dm"], case.scale,
+                            bias=leaves.get("db"), dropout_p=case.dropout_p, seed=case.seed)
+    else:
+        y = lora_linear_ref(leaves["dx"], weight, leaves["dA"], leaves["dB"], case.scale, bias=leaves.get("db"),
+                            dropout_p=case.dropout_p, seed=case.seed)
     grads = torch.autograd.grad(y, list(leaves.values()), grad_y)
     return {"y": y.detach(), **dict(zip(leaves, grads))}
 
 
-def compare(backend: str, case: LoraCase, device="cpu") -> dict[str, float]:
-    """Relative error of each quantity of ``backend`` against the float64 reference."""
+def compare(backend: str, case: LoraCase, device="cpu", relative_to_terms: bool = False) -> dict[str, float]:
+    """Relative error of each quantity of ``backend`` against the float64 reference.
+
+    ``relative_to_terms`` divides by the norm of the reference evaluated on |inputs| (the size of
+    the terms being summed) instead of the result's own norm. Use it where sums can cancel almost
+    completely (tiny reduction lengths): there, rounding the rank-r intermediates to fp16/bf16
+    (as every framework does) is unavoidably large relative to the result, not to the terms.
+    """
     inputs = make_inputs(case, device)
     out = run_path(backend, case, inputs)
     ref = run_reference(case, inputs)
-    return {q: rel_error(out[q].cpu(), ref[q]) for q in ref}
+    if not relative_to_terms:
+        return {q: rel_error(out[q].cpu(), ref[q]) for q in ref}
+    terms = run_reference(case, tuple(t.abs() if t is not None else None for t in inputs))
+    return {q: (out[q].cpu().double() - ref[q]).norm().item() / max(terms[q].norm().item(), 1e-300) for q in ref}

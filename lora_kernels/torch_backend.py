@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .dora import norm_from_products, weight_a_product_torch
+from .dora import dora_weight_norm_torch
 from .dropout import dropout_mask
 
 
@@ -42,12 +42,12 @@ def lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, u, scale: float, dropout_
     return grad_x, grad_a, grad_b
 
 
-def dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude, w_sq, scale: float, dropout_p: float, seed: int):
+def dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude, scale: float, dropout_p: float, seed: int):
     """(y, u, h, norm) of DoRA (DESIGN.md §3, PEFT's formula) for a 2-D x.
 
     norm (N, fp32) is the detached row norm; h (M×N) = xd·Wᵀ + s·u·Bᵀ is what dm needs in backward.
     """
-    norm = norm_from_products(w_sq, weight_a_product_torch(weight, lora_a), lora_a, lora_b, scale)
+    norm = dora_weight_norm_torch(weight, lora_a, lora_b, scale)
     c = magnitude.to(norm.dtype) / norm
     z = None
     xd = x

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from .dora import norm_from_products
-from .kernels.dora import dora_magnitude_grad_bwd
+from .kernels.dora import dora_magnitude_grad_bwd, dora_weight_norm
 from .kernels.linear_bwd import lora_linear_bwd as _linear_bwd
 from .kernels.linear_fwd import lora_linear_fwd as _linear_fwd
-from .kernels.shrink import lora_b_grad_bwd, lora_shrink_bwd, lora_shrink_fwd, weight_a_product
+from .kernels.shrink import lora_b_grad_bwd, lora_shrink_bwd, lora_shrink_fwd
 
 PATHS = ("fused", "hybrid")
 
@@ -53,16 +52,11 @@ def lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, u, scale: float, dropout_
     return grad_x, grad_a, grad_b
 
 
-def dora_norm(weight, lora_a, lora_b, w_sq, scale: float):
-    """n (N, fp32): W·Aᵀ from one shrink pass over W, then the low-rank identity (lora_kernels.dora)."""
-    return norm_from_products(w_sq, weight_a_product(weight, lora_a), lora_a, lora_b, scale)
-
-
-def dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude, w_sq, scale: float, dropout_p: float, seed: int,
+def dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude, scale: float, dropout_p: float, seed: int,
                     path: str):
     _check_dtypes(x, weight, bias, lora_a, lora_b)
     M, N = x.shape[0], weight.shape[0]
-    norm = dora_norm(weight, lora_a, lora_b, w_sq, scale)
+    norm = dora_weight_norm(weight, lora_a, lora_b, scale)
     c = magnitude.float() / norm
     x_dropped = torch.empty_like(x, memory_format=torch.contiguous_format) if dropout_p > 0.0 else None
     u = lora_shrink_fwd(x, lora_a, seed, dropout_p, dropped=x_dropped)

@@ -17,7 +17,17 @@ def test_bench_rows_and_saved_bytes_on_cpu():
     assert by["torch"].saved_bytes == 96 * 4 * 4
     assert by["unfused"].saved_bytes >= 96 * 64 * 4 + by["torch"].saved_bytes
     table = markdown_table(rows)
-    assert "| tiny | 96 | 4 | 0.1 | float32 |" in table
+    assert "| LoRA | tiny | 96 | 4 | 0.1 | float32 |" in table
+
+
+def test_bench_dora_rows_on_cpu():
+    shape = Shape("tiny", 64, 48, 40, 4, 0.1, "float32", dora=True)
+    rows = run_shape(shape, ["base", "unfused", "peft", "torch"], "cpu", modes=("fwdbwd",))
+    by = {r.provider: r for r in rows}
+    assert "unfused" not in by and {"base", "torch"} <= set(by)
+    assert all(r.mode == "fwdbwd" and r.extra["rel_err"] < 1e-4 for r in rows)
+    if "peft" in by:  # DoRA saves u, h and n; PEFT's DoRA saves more
+        assert by["torch"].saved_bytes < by["peft"].saved_bytes
 
 
 def test_invalid_provider_is_reported_not_timed(monkeypatch):

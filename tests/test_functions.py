@@ -27,7 +27,7 @@ def test_torch_backend_matches_reference(case, dtype):
 
 
 def test_same_seed_same_output_and_other_seed_differs():
-    x, w, a, b, bias, _ = make_inputs(LoraCase(20, 10, 30, 4))
+    x, w, a, b, bias, _, _ = make_inputs(LoraCase(20, 10, 30, 4))
     y1 = lora_linear(x, w, a, b, 1.0, bias, dropout_p=0.5, seed=5, backend="torch")
     y2 = lora_linear(x, w, a, b, 1.0, bias, dropout_p=0.5, seed=5, backend="torch")
     y3 = lora_linear(x, w, a, b, 1.0, bias, dropout_p=0.5, seed=6, backend="torch")
@@ -36,7 +36,7 @@ def test_same_seed_same_output_and_other_seed_differs():
 
 
 def test_seed_none_is_reproducible_under_manual_seed():
-    x, w, a, b, bias, _ = make_inputs(LoraCase(20, 10, 30, 4))
+    x, w, a, b, bias, _, _ = make_inputs(LoraCase(20, 10, 30, 4))
     torch.manual_seed(123)
     y1 = lora_linear(x, w, a, b, 1.0, bias, dropout_p=0.5, backend="torch")
     y1b = lora_linear(x, w, a, b, 1.0, bias, dropout_p=0.5, backend="torch")
@@ -47,13 +47,13 @@ def test_seed_none_is_reproducible_under_manual_seed():
 
 
 def test_eval_mode_disables_dropout():
-    x, w, a, b, bias, _ = make_inputs(LoraCase(20, 10, 30, 4))
+    x, w, a, b, bias, _, _ = make_inputs(LoraCase(20, 10, 30, 4))
     y = lora_linear(x, w, a, b, 1.0, bias, dropout_p=0.5, seed=1, training=False, backend="torch")
     torch.testing.assert_close(y, lora_linear_ref(x, w, a, b, 1.0, bias), rtol=0, atol=0)
 
 
 def test_frozen_weight_gets_no_grad_and_trainable_weight_gets_the_right_one():
-    x, w, a, b, bias, g = make_inputs(LoraCase(20, 10, 30, 4, dtype=torch.float64))
+    x, w, a, b, bias, g, _ = make_inputs(LoraCase(20, 10, 30, 4, dtype=torch.float64))
     a.requires_grad_(True)
     lora_linear(x, w, a, b, 1.0, bias, backend="torch").backward(g)
     assert w.grad is None and a.grad is not None
@@ -64,7 +64,7 @@ def test_frozen_weight_gets_no_grad_and_trainable_weight_gets_the_right_one():
 
 def test_fp32_adapters_with_lower_precision_activations():
     """PEFT keeps adapters in fp32 next to bf16 activations: gradients arrive in fp32."""
-    x, w, a, b, bias, g = make_inputs(LoraCase(16, 12, 24, 4, dtype=torch.bfloat16))
+    x, w, a, b, bias, g, _ = make_inputs(LoraCase(16, 12, 24, 4, dtype=torch.bfloat16))
     a32 = a.float().requires_grad_(True)
     b32 = b.float().requires_grad_(True)
     y = lora_linear(x, w, a32, b32, 1.0, bias, backend="torch")
@@ -74,7 +74,7 @@ def test_fp32_adapters_with_lower_precision_activations():
 
 
 def test_empty_batch_returns_empty():
-    x, w, a, b, bias, _ = make_inputs(LoraCase(3, 10, 30, 4))
+    x, w, a, b, bias, _, _ = make_inputs(LoraCase(3, 10, 30, 4))
     x0 = x[:0].requires_grad_(True)
     a.requires_grad_(True)
     y = lora_linear(x0, w, a, b, 1.0, bias, dropout_p=0.1, seed=1, backend="torch")
@@ -99,7 +99,7 @@ def _saved_bytes(fn):
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_saves_no_activation_sized_tensor_besides_x(p):
     m, n, k, r = 256, 96, 128, 8
-    x, w, a, b, bias, _ = make_inputs(LoraCase(m, n, k, r))
+    x, w, a, b, bias, _, _ = make_inputs(LoraCase(m, n, k, r))
     a.requires_grad_(True)
     b.requires_grad_(True)
     _, ours = _saved_bytes(lambda: lora_linear(x, w, a, b, 2.0, bias, dropout_p=p, seed=3, backend="torch"))

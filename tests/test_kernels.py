@@ -44,7 +44,7 @@ def test_triton_path_matches_reference(kernel_device, path, case):
 def test_only_adapter_grads_when_x_needs_none(kernel_device, path):
     """First layer of a model: x needs no gradient, the dx GEMM is skipped, dA/dB still right."""
     case = LoraCase(60, 70, 90, 8, f32, 0.1)
-    x, w, a, b, bias, g = make_inputs(case, kernel_device)
+    x, w, a, b, bias, g, _ = make_inputs(case, kernel_device)
     a.requires_grad_(True)
     b.requires_grad_(True)
     lora_linear(x, w, a, b, case.scale, bias, dropout_p=0.1, seed=case.seed, backend=path).backward(g)
@@ -77,7 +77,7 @@ def test_triton_and_torch_backends_share_the_mask(kernel_device):
 @pytest.mark.interpreter
 def test_empty_batch_on_triton(kernel_device):
     case = LoraCase(3, 40, 70, 8, f32, 0.1)
-    x, w, a, b, bias, _ = make_inputs(case, kernel_device)
+    x, w, a, b, bias, _, _ = make_inputs(case, kernel_device)
     x0 = x[:0].requires_grad_(True)
     a.requires_grad_(True)
     y = lora_linear(x0, w, a, b, 1.0, bias, dropout_p=0.1, seed=1, backend="fused")
@@ -90,7 +90,7 @@ def test_empty_batch_on_triton(kernel_device):
 @pytest.mark.parametrize("impl", ["torch", "fused", "hybrid"])
 def test_opcheck(kernel_device, impl):
     case = LoraCase(20, 33, 40, 4, f32, 0.1)
-    x, w, a, b, bias, g = make_inputs(case, kernel_device)
+    x, w, a, b, bias, g, _ = make_inputs(case, kernel_device)
     a.requires_grad_(True)
     b.requires_grad_(True)
     fwd_args = (x, w, bias, a, b, 0.5, 0.1, 7, impl)

@@ -23,11 +23,16 @@ def cases(draw, max_dim, dtypes):
         noncontiguous=draw(st.booleans()),
         seed=draw(st.integers(0, 2**63 - 1)),
         scale=draw(st.floats(0.125, 4.0)),
+        dora=draw(st.booleans()),
     )
 
 
 def _assert_close(path, case, device):
-    errors = compare(path, case, device=device)
+    # Drawn shapes include reduction lengths of 1..3, where a sum can cancel almost completely:
+    # in half precision the rounding of the rank-r intermediates (u, v) is then measured against
+    # the size of the summed terms. fp32/fp64 keep the strict, result-relative measure (it is the
+    # one that caught a cancelling DoRA norm formula).
+    errors = compare(path, case, device=device, relative_to_terms=case.dtype in (torch.float16, torch.bfloat16))
     tol = TOLERANCES[case.dtype]
     bad = {q: e for q, e in errors.items() if not e <= tol}
     assert not bad, f"{path} {case} seed={case.seed}: {bad} above {tol}"

@@ -13,7 +13,7 @@ import os
 
 import triton
 
-from .._triton_env import is_interpreter
+from .._triton_env import is_interpreter  # noqa: F401  (re-exported for the launchers)
 
 # One config per kernel for the interpreter: big enough to keep the interpreter fast (its cost is
 # per program and per loop step), small enough that test shapes of ~100 still span several blocks.
@@ -22,6 +22,7 @@ INTERPRETER_CONFIG = {
     "linear_fwd": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4),
     "linear_bwd": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64),
     "dora_mag": dict(BLOCK_M=32, BLOCK_N=64),
+    "dora_norm": dict(BLOCK_N=32, BLOCK_K=64),
 }
 
 # The fixed config used on a GPU when autotuning is switched off.
@@ -31,6 +32,8 @@ GPU_FIXED_CONFIG = {
     "linear_bwd": triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), num_warps=4, num_stages=3),
     # a memory-bound column reduction: not autotuned
     "dora_mag": triton.Config(dict(BLOCK_M=32, BLOCK_N=256), num_warps=4, num_stages=3),
+    # one pass over W per step, bandwidth-bound: not autotuned
+    "dora_norm": triton.Config(dict(BLOCK_N=64, BLOCK_K=128), num_warps=4, num_stages=3),
 }
 
 _GPU_CONFIGS = {

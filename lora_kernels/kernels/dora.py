@@ -1,9 +1,12 @@
-"""DoRA's magnitude gradient: ``_dora_magnitude_grad_kernel`` and its launcher.
+"""DoRA's two extra kernels and their launchers.
 
-    dm_j = Σ_rows g_ij · h_ij / n_j        (h = xd·Wᵀ + s·u·Bᵀ saved by the forward, n detached)
+``_dora_weight_norm_kernel``: n_j = max(‖W_j + s·(B·A)_j‖₂, eps), streamed: each program owns a
+block of rows, walks K, forms W_tile + s·B_tile·A_tile in registers (fp32) and accumulates its
+squares. W + s·B·A never exists in memory (lora_kernels/dora.py explains streaming vs the identity).
 
-A column reduction over tokens: programs own a block of columns and a fixed range of rows and
-write fp32 partials that are summed in a fixed order (deterministic, no atomics).
+``_dora_magnitude_grad_kernel``: dm_j = Σ_rows g_ij · h_ij / n_j (h = xd·Wᵀ + s·u·Bᵀ saved by the
+forward, n detached). A column reduction over tokens: programs own a block of columns and a fixed
+range of rows and write fp32 partials that are summed in a fixed order (deterministic, no atomics).
 """
 from __future__ import annotations
 
@@ -11,7 +14,62 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import DORA_EPS
 from . import configs
+from .dropout import mma
+
+
+@triton.jit
+def _dora_weight_norm_kernel(
+    w_ptr, a_ptr, b_ptr, out_ptr,
+    N, K, R,
+    stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    scale,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """w: N×K, a (lora_a): R×K, b (lora_b): N×R, out: N fp32 (squared norms)."""
+    pid = tl.program_id(0)
+    offs_n = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    n_in = offs_n < N
+    r_in = offs_r < R
+    b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                mask=n_in[:, None] & r_in[None, :], other=0.0)
+    sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_in = offs_k < K
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=r_in[:, None] & k_in[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=n_in[:, None] & k_in[None, :], other=0.0)
+        ba = mma(b, a, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
+        t = w.to(tl.float32) + ba * scale
+        sq += tl.sum(t * t, axis=1)
+    tl.store(out_ptr + offs_n, sq, mask=n_in)
+
+
+def dora_weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                     eps: float = DORA_EPS) -> torch.Tensor:
+    """n (N, fp32) = max(‖W_j + s·(B·A)_j‖₂, eps), one streamed pass over W."""
+    N, K = weight.shape
+    R = lora_a.shape[0]
+    sq = torch.empty(N, dtype=torch.float32, device=weight.device)
+    if N == 0:
+        return sq
+    block_r = configs.block_rank(R)
+    meta = configs.fixed_config("dora_norm")
+    if block_r >= 128 and not configs.is_interpreter():  # keep the B tile and B·A in registers
+        meta = dict(meta, BLOCK_N=32, num_warps=8)
+    _dora_weight_norm_kernel[(triton.cdiv(N, meta["BLOCK_N"]),)](
+        weight, lora_a, lora_b, sq, N, K, R,
+        weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
+        float(scale),
+        DOT_FP32=configs.dot_fp32(), INPUT_PRECISION=configs.input_precision(weight.dtype), BLOCK_R=block_r,
+        **meta,
+    )
+    return sq.sqrt_().clamp_min_(eps)
 
 
 @triton.jit

@@ -114,14 +114,6 @@ def lora_shrink_fwd(x: torch.Tensor, lora_a: torch.Tensor, seed: int, dropout_p:
     return u
 
 
-def weight_a_product(weight: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
-    """W·Aᵀ (N×r) in fp32 in one pass over W (DoRA's norm, lora_kernels.dora)."""
-    N, K = weight.shape
-    out = torch.empty((1, N, lora_a.shape[0]), dtype=torch.float32, device=weight.device)
-    _launch_shrink(weight, lora_a.t(), out, splits=1, q_per_split=K)
-    return out[0]
-
-
 def lora_shrink_bwd(grad_y: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
     """v = g·B for g (M×N) and B (N×r). Returns v (M×r) in g's dtype."""
     M, N = grad_y.shape
