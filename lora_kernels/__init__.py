@@ -3,17 +3,40 @@
 Public API:
     lora_linear        functional LoRA linear (forward + backward, seeded in-kernel dropout)
     dora_linear        functional DoRA linear (PEFT's definition; norm without W + s·B·A)
-    LoRALinear         nn.Module wrapping a frozen nn.Linear
+    LoRALinear         nn.Module wrapping a frozen nn.Linear / GPT-2 Conv1D (several named adapters)
+    LoRAEmbedding      nn.Module wrapping a frozen nn.Embedding
+    LoraConfig, inject, ...   whole models: inject, trainability, adapters, merge, save/load (PEFT format)
     lora_linear_ref    the plain-PyTorch oracles (and dora_linear_ref)
     lora_scale         alpha/r or alpha/sqrt(r) (rsLoRA)
     BACKENDS           backend names accepted by ``backend=`` and $LORA_KERNELS_BACKEND
 """
 from .backends import BACKENDS
 from .functional import dora_linear, lora_linear
-from .layers import LoRALinear, lora_scale
+from .config import LoraConfig
+from .layers import LoRAEmbedding, LoRALinear, lora_scale
+from .model import (
+    adapters_disabled,
+    delete_adapter,
+    inject,
+    list_adapters,
+    load_adapter,
+    lora_state_dict,
+    loraplus_param_groups,
+    mark_only_lora_as_trainable,
+    merge,
+    merge_and_unload,
+    safe_merge,
+    save_adapter,
+    set_adapter,
+    unmerge,
+)
 from .reference import dora_linear_ref, lora_linear_ref
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "LoRALinear", "dora_linear", "dora_linear_ref", "lora_linear", "lora_linear_ref", "lora_scale",
-           "__version__"]
+__all__ = [
+    "BACKENDS", "LoRAEmbedding", "LoRALinear", "LoraConfig", "adapters_disabled", "delete_adapter", "dora_linear",
+    "dora_linear_ref", "inject", "list_adapters", "load_adapter", "lora_linear", "lora_linear_ref", "lora_scale",
+    "lora_state_dict", "loraplus_param_groups", "mark_only_lora_as_trainable", "merge", "merge_and_unload",
+    "safe_merge", "save_adapter", "set_adapter", "unmerge", "__version__",
+]

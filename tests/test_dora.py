@@ -110,7 +110,7 @@ def test_layer_init_equals_base_and_merge_roundtrip():
     torch.testing.assert_close(base.weight, w0, rtol=0, atol=1e-6)
     torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
     trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
-    assert trainable == {"lora_A", "lora_B", "lora_magnitude"}
+    assert trainable == {"adapters.default.lora_A", "adapters.default.lora_B", "adapters.default.lora_magnitude"}
 
 
 def test_bad_dora_inputs():

@@ -40,7 +40,7 @@ def test_gaussian_init_std():
 def test_only_lora_parameters_get_gradients():
     base, layer = _layer(dropout=0.1)
     trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
-    assert trainable == {"lora_A", "lora_B"}
+    assert trainable == {"adapters.default.lora_A", "adapters.default.lora_B"}
     layer(torch.randn(6, 48)).pow(2).sum().backward()
     assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
     assert base.weight.grad is None and base.bias.grad is None

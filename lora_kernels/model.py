@@ -1,0 +1,588 @@
+"""Whole-model operations: inject adapters, mark what trains, several adapters, merge, LoRA+ groups,
+and adapter save/load in PEFT's on-disk format (safetensors only, never pickle)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+
+import torch
+from torch import nn
+
+from .config import DEFAULT_ENABLE_LORA, DEFAULT_TARGETS, LoraConfig
+from .layers import LORA_LAYERS, LoRAEmbedding, LoRALinear, is_conv1d
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+SIDECAR = "lora_kernels.json"  # what PEFT's format cannot say (per-slice adapters); PEFT ignores it
+PEFT_PREFIX = "base_model.model."
+
+
+# ------------------------------------------------------------------------------------------------
+# finding modules
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Linear, Conv1D and Embedding modules by name (LoRA layers count as their base; their insides
+    are not listed)."""
+    found = {}
+    skip_prefixes = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in skip_prefixes):
+            continue
+        if isinstance(module, LORA_LAYERS):
+            found[name] = module
+            skip_prefixes.append(name + ".")
+        elif _is_linear(module) or isinstance(module, nn.Embedding):
+            found[name] = module
+    return found
+
+
+def _base_of(module):
+    return module.base_layer if isinstance(module, LORA_LAYERS) else module
+
+
+def _name_matches(name: str, spec) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def _output_layer_names(model, modules) -> set[str]:
+    out = set()
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    for name, m in modules.items():
+        if (head is not None and _base_of(m) is head) or name.split(".")[-1] == "lm_head":
+            out.add(name)
+    return out
+
+
+def _model_type(model) -> str | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "model_type", None)
+
+
+def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules ``config`` adapts in ``model`` (an error if none)."""
+    modules = adaptable_modules(model)
+    linear_names = [n for n, m in modules.items() if _is_linear(_base_of(m))]
+    spec = config.target_modules
+    if spec is None:
+        mt = _model_type(model)
+        if mt not in DEFAULT_TARGETS:
+            raise ValueError(f"target_modules is not set and there is no default for model type {mt!r}; "
+                             f"pass target_modules (names, a regex or 'all-linear'). Linear modules: {linear_names}")
+        spec = DEFAULT_TARGETS[mt]
+    if spec == "all-linear":
+        heads = _output_layer_names(model, modules)
+        names = [n for n in linear_names if n not in heads]
+    else:
+        names = [n for n in modules if _name_matches(n, spec)]
+    if config.exclude_modules is not None:
+        names = [n for n in names if not _name_matches(n, config.exclude_modules)]
+    if not names:
+        raise ValueError(f"target_modules={spec!r} matches no module of {type(model).__name__}. "
+                         f"Linear modules: {linear_names}")
+    return names
+
+
+def _effective_enable_lora(model, config: LoraConfig, name: str):
+    mask = config.enable_lora_for(name)
+    if mask is None and config.enable_lora is None and config.target_modules is None:
+        defaults = DEFAULT_ENABLE_LORA.get(_model_type(model), {})
+        for key, value in defaults.items():
+            if name == key or name.endswith("." + key):
+                return value
+    return mask
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
+
+
+# ------------------------------------------------------------------------------------------------
+# inject and trainability
+
+
+def _adapter_kwargs(model, config: LoraConfig, name: str) -> dict:
+    return dict(rank=config.rank_for(name), alpha=config.alpha_for(name), dropout=config.dropout,
+                use_rslora=config.use_rslora, init=config.init, use_dora=config.use_dora,
+                enable_lora=_effective_enable_lora(model, config, name))
+
+
+def _check_target(model, config, name, module, adapter_name):
+    base = _base_of(module)
+    kw = _adapter_kwargs(model, config, name)
+    if isinstance(module, LORA_LAYERS) and adapter_name in module.adapters:
+        raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}")
+    if isinstance(base, nn.Embedding):
+        if kw["use_dora"] or kw["enable_lora"] is not None or kw["init"] != "kaiming":
+            raise ValueError(f"module {name!r} is an Embedding: only plain LoRA (no DoRA, enable_lora or "
+                             "PiSSA) is supported there")
+        return
+    out = base.weight.shape[1] if is_conv1d(base) else base.weight.shape[0]
+    if kw["enable_lora"] is not None:
+        if out % len(kw["enable_lora"]):
+            raise ValueError(f"enable_lora for {name!r} has {len(kw['enable_lora'])} slices, which do not divide "
+                             f"its {out} outputs")
+        if kw["init"] != "kaiming" and kw["init"] != "gaussian":
+            raise ValueError(f"init={kw['init']!r} is not supported with enable_lora (module {name!r})")
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", backend: str | None = None) -> list[str]:
+    """Add adapter ``adapter_name`` to the modules ``config`` targets; return their names.
+
+    A plain Linear / Conv1D / Embedding is replaced by a LoRA layer wrapping it (frozen); a module
+    that already is one gets another adapter. Everything is validated before anything changes.
+    Then only the active adapters' parameters (and biases per ``config.bias``) are left trainable.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a lora_kernels.LoraConfig, got {type(config).__name__}")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
+    names = resolve_targets(model, config)
+    modules = adaptable_modules(model)
+    for name in names:
+        _check_target(model, config, name, modules[name], adapter_name)
+    for name in names:
+        module = modules[name]
+        kw = _adapter_kwargs(model, config, name)
+        if isinstance(module, LORA_LAYERS):
+            module.add_adapter(adapter_name, **kw)
+        elif isinstance(module, nn.Embedding):
+            _set_module(model, name, LoRAEmbedding(module, kw["rank"], kw["alpha"], use_rslora=kw["use_rslora"],
+                                                   backend=backend, adapter_name=adapter_name))
+        else:
+            _set_module(model, name, LoRALinear(module, adapter_name=adapter_name, backend=backend, **kw))
+    configs = dict(getattr(model, "lora_configs", {}) or {})
+    configs[adapter_name] = config
+    model.lora_configs = configs
+    mark_only_lora_as_trainable(model, bias=config.bias)
+    return names
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
+    """Freeze everything but the active adapters' parameters; biases per ``bias``:
+    "none" (all frozen), "all" (every bias trains), "lora_only" (biases of adapted layers train)."""
+    if bias not in ("none", "all", "lora_only"):
+        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in lora_layers(model).items():
+        if layer.active_adapter is not None:
+            for p in layer.adapters[layer.active_adapter].parameters():
+                p.requires_grad_(True)
+        if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+            layer.base_layer.bias.requires_grad_(True)
+    if bias == "all":
+        for name, p in model.named_parameters():
+            if name.split(".")[-1] == "bias":
+                p.requires_grad_(True)
+
+
+# ------------------------------------------------------------------------------------------------
+# several adapters
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    names = []
+    for layer in lora_layers(model).values():
+        names += [n for n in layer.adapters if n not in names]
+    return names
+
+
+def set_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Make ``adapter_name`` the model's adapter: active in every layer that has it, none active in
+    the layers that do not (they compute as their base). Instant; the base is not touched."""
+    all_layers = list(lora_layers(model).values())
+    if not any(adapter_name in m.adapters for m in all_layers):
+        raise KeyError(f"no adapter named {adapter_name!r}; the model has {list_adapters(model)}")
+    for layer in all_layers:
+        if layer.merged and layer.merged_adapter != adapter_name:
+            raise RuntimeError(f"adapter {layer.merged_adapter!r} is merged; unmerge(model) before switching")
+    for layer in all_layers:
+        if adapter_name in layer.adapters:
+            layer.set_adapter(adapter_name)
+        else:
+            layer.active_adapter = None
+    cfg = getattr(model, "lora_configs", {}).get(adapter_name)
+    mark_only_lora_as_trainable(model, bias=cfg.bias if cfg else "none")
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Delete ``adapter_name`` everywhere; deleting the active adapter is an error (set another first)."""
+    layers = [m for m in lora_layers(model).values() if adapter_name in m.adapters]
+    if not layers:
+        raise KeyError(f"no adapter named {adapter_name!r}; the model has {list_adapters(model)}")
+    for layer in layers:
+        if layer.active_adapter == adapter_name:
+            raise RuntimeError(f"adapter {adapter_name!r} is active; set_adapter(model, other) before deleting it")
+    for layer in layers:
+        layer.delete_adapter(adapter_name)
+    getattr(model, "lora_configs", {}).pop(adapter_name, None)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block the model computes as its base (adapters skipped, nothing unloaded)."""
+    layers = list(lora_layers(model).values())
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("an adapter is merged into the weights; unmerge(model) before disabling adapters")
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, previous):
+            layer.disabled = was
+
+
+# ------------------------------------------------------------------------------------------------
+# merge
+
+
+def merge(model: nn.Module) -> None:
+    """Fold every layer's active adapter into its base weight."""
+    for layer in lora_layers(model).values():
+        layer.merge()
+
+
+def safe_merge(model: nn.Module) -> None:
+    """Like :func:`merge`, but first checks every merged weight for NaN/inf; if any is not finite,
+    nothing is written anywhere and a ValueError names the layer."""
+    for name, layer in lora_layers(model).items():
+        with torch.no_grad():
+            w = layer.weight.float() + layer.delta_weight()
+            if isinstance(layer, LoRALinear) and layer.use_dora:
+                w = w * (layer.lora_magnitude.float() / layer.dora_weight_norm().float())[:, None]
+            if not torch.isfinite(w.to(layer.weight.dtype)).all():
+                raise ValueError(f"safe_merge: merging the adapter of {name!r} would put NaN/inf into its weight; "
+                                 "nothing was merged")
+    merge(model)
+
+
+def unmerge(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        if layer.merged:
+            layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the active adapters and put the plain base modules back (no LoRA layer is left)."""
+    for name, layer in lora_layers(model).items():
+        if not layer.merged:
+            layer.merge()
+        _set_module(model, name, layer.base_layer)
+    if hasattr(model, "lora_configs"):
+        del model.lora_configs
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA+
+
+
+def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, lr_embedding: float = 1e-6,
+                          weight_decay: float = 0.0) -> list[dict]:
+    """Optimizer parameter groups for LoRA+ (Hayou et al., 2024): B learns ``ratio``× faster than A.
+
+    Groups: lora_A (lr), lora_B (lr·ratio), embedding adapters (lr_embedding), every other trainable
+    parameter (lr). Pass to any torch optimizer: ``torch.optim.AdamW(loraplus_param_groups(m, 2e-4))``.
+    """
+    if not lr > 0 or not ratio > 0:
+        raise ValueError(f"lr and ratio must be > 0, got lr={lr}, ratio={ratio}")
+    groups = {"A": [], "B": [], "embedding": [], "other": []}
+    seen = set()
+    for layer in lora_layers(model).values():
+        for adapter in layer.adapters.values():
+            for pname, p in adapter.named_parameters():
+                if not p.requires_grad:
+                    continue
+                seen.add(id(p))
+                if isinstance(layer, LoRAEmbedding):
+                    groups["embedding"].append(p)
+                elif pname == "lora_B":
+                    groups["B"].append(p)
+                elif pname == "lora_A":
+                    groups["A"].append(p)
+                else:
+                    groups["other"].append(p)
+    groups["other"] += [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    lrs = {"A": lr, "B": lr * ratio, "embedding": lr_embedding, "other": lr}
+    return [{"params": ps, "lr": lrs[k], "weight_decay": weight_decay, "name": k} for k, ps in groups.items() if ps]
+
+
+# ------------------------------------------------------------------------------------------------
+# state dict, save and load (PEFT's format)
+
+
+def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's on-disk key names (adapter name removed):
+    ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` / ``lora_magnitude_vector``,
+    ``lora_embedding_A`` / ``lora_embedding_B`` for embeddings, and trained biases."""
+    layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.adapters}
+    if not layers:
+        raise KeyError(f"no adapter named {adapter_name!r}; the model has {list_adapters(model)}")
+    out = {}
+    for name, layer in layers.items():
+        a = layer.adapters[adapter_name]
+        prefix = PEFT_PREFIX + name
+        if isinstance(layer, LoRAEmbedding):
+            out[prefix + ".lora_embedding_A"] = a.lora_A.detach()
+            out[prefix + ".lora_embedding_B"] = a.lora_B.detach()
+            continue
+        out[prefix + ".lora_A.weight"] = a.lora_A.detach()
+        out[prefix + ".lora_B.weight"] = a.full_b().detach()
+        if a.use_dora:
+            out[prefix + ".lora_magnitude_vector"] = a.lora_magnitude.detach()
+    cfg = getattr(model, "lora_configs", {}).get(adapter_name)
+    if cfg is not None and cfg.bias != "none":
+        for pname, p in model.named_parameters():
+            if pname.split(".")[-1] != "bias":
+                continue
+            owner = pname.rsplit(".", 2)[0] if ".base_layer." in pname else None
+            if cfg.bias == "all" or (owner is not None and owner in layers):
+                out[PEFT_PREFIX + pname] = p.detach()
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _peft_config_dict(model, config: LoraConfig, adapter_name: str) -> tuple[dict, dict]:
+    """(adapter_config.json content, sidecar content) for ``adapter_name``."""
+    layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.adapters}
+    rank_pattern, alpha_pattern, enable = {}, {}, {}
+    any_conv1d = False
+    for name, layer in layers.items():
+        a = layer.adapters[adapter_name]
+        rank, alpha = a.rank, a.alpha
+        if a.enable_lora is not None:  # a rank r·S PEFT adapter with the same scale
+            slices = sum(a.enable_lora)
+            enable[name] = a.enable_lora
+            rank = a.rank * slices
+            alpha = a.alpha * (math.sqrt(slices) if a.use_rslora else slices)
+        if rank != config.rank:
+            rank_pattern[re.escape(name)] = rank
+        if alpha != config.alpha:
+            alpha_pattern[re.escape(name)] = alpha
+        any_conv1d |= isinstance(layer, LoRALinear) and layer.fan_in_fan_out
+    peft_cfg = {
+        "peft_type": "LORA", "task_type": None, "inference_mode": True, "base_model_name_or_path": None,
+        "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+        "target_modules": sorted(layers), "exclude_modules": None, "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora, "bias": config.bias, "fan_in_fan_out": any_conv1d,
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+    sidecar = {"format": 1, "adapter_name": adapter_name, "enable_lora": enable, "init": config.init}
+    return peft_cfg, sidecar
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT's format; PEFT's
+    ``PeftModel.from_pretrained`` loads them) and a small ``lora_kernels.json`` sidecar."""
+    from safetensors.torch import save_file
+
+    cfg = getattr(model, "lora_configs", {}).get(adapter_name)
+    if cfg is None:
+        raise KeyError(f"no adapter named {adapter_name!r} was injected into this model "
+                       f"(adapters: {list_adapters(model)})")
+    tensors = lora_state_dict(model, adapter_name)
+    peft_cfg, sidecar = _peft_config_dict(model, cfg, adapter_name)
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
+        json.dump(peft_cfg, f, indent=2)
+    with open(os.path.join(directory, SIDECAR), "w") as f:
+        json.dump(sidecar, f, indent=2)
+
+
+_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B")
+
+
+def _read_adapter_files(directory):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = os.fspath(directory)
+    cfg_path, w_path = os.path.join(directory, ADAPTER_CONFIG), os.path.join(directory, ADAPTER_WEIGHTS)
+    for path in (cfg_path, w_path):
+        if not os.path.isfile(path):
+            if os.path.isfile(os.path.join(directory, "adapter_model.bin")) and path == w_path:
+                raise ValueError(f"{directory} holds a pickled adapter_model.bin; lora_kernels reads safetensors only")
+            raise FileNotFoundError(f"adapter file not found: {path}")
+    try:
+        with open(cfg_path) as f:
+            peft_cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    if not isinstance(peft_cfg, dict) or peft_cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_path}: expected a LoRA adapter config (peft_type 'LORA')")
+    try:
+        tensors = load_file(w_path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{w_path} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
+    sidecar = {}
+    side_path = os.path.join(directory, SIDECAR)
+    if os.path.isfile(side_path):
+        try:
+            with open(side_path) as f:
+                sidecar = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{side_path} is not valid JSON: {exc}") from exc
+    return peft_cfg, tensors, sidecar
+
+
+def _config_from_peft(peft_cfg: dict, sidecar: dict, modules: list[str]) -> LoraConfig:
+    try:
+        return LoraConfig(
+            rank=peft_cfg.get("r", 8), alpha=peft_cfg.get("lora_alpha"), dropout=peft_cfg.get("lora_dropout", 0.0),
+            target_modules=list(modules),
+            use_rslora=bool(peft_cfg.get("use_rslora", False)), use_dora=bool(peft_cfg.get("use_dora", False)),
+            bias=peft_cfg.get("bias", "none"), rank_pattern=dict(peft_cfg.get("rank_pattern") or {}),
+            alpha_pattern=dict(peft_cfg.get("alpha_pattern") or {}),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"adapter_config.json has invalid settings: {exc}") from exc
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
+                 backend: str | None = None) -> list[str]:
+    """Load an adapter saved by :func:`save_adapter` or by PEFT (``save_pretrained``) into ``model``.
+
+    Every file, key, shape and rank is checked before the model is touched; on any error the model
+    is left as it was. Returns the adapted module names. Tensors are cast to the layers' dtype.
+    """
+    peft_cfg, tensors, sidecar = _read_adapter_files(directory)
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    biases = {}
+    for key, value in tensors.items():
+        if not key.startswith(PEFT_PREFIX):
+            raise ValueError(f"unexpected key {key!r} in {ADAPTER_WEIGHTS} (expected the prefix {PEFT_PREFIX!r})")
+        rest = key[len(PEFT_PREFIX):]
+        suffix = next((s for s in _SUFFIXES if rest.endswith(s)), None)
+        if suffix is None:
+            if rest.endswith(".bias"):
+                biases[rest] = value
+                continue
+            raise ValueError(f"unexpected key {key!r} in {ADAPTER_WEIGHTS}")
+        by_module.setdefault(rest[: -len(suffix)], {})[suffix] = value
+    modules = adaptable_modules(model)
+    missing = sorted(m for m in by_module if m not in modules)
+    if missing:
+        raise ValueError(f"the adapter has weights for modules the model lacks: {missing}")
+    params = dict(model.named_parameters())
+    bad_bias = sorted(b for b in biases if b not in params)
+    if bad_bias:
+        raise ValueError(f"the adapter has biases for parameters the model lacks: {bad_bias}")
+    config = _config_from_peft(peft_cfg, sidecar, sorted(by_module))
+    enable = dict(sidecar.get("enable_lora") or {})
+    plan = {}
+    for name, parts in by_module.items():
+        base = _base_of(modules[name])
+        embedding = isinstance(base, nn.Embedding)
+        need = (".lora_embedding_A", ".lora_embedding_B") if embedding else (".lora_A.weight", ".lora_B.weight")
+        if any(n not in parts for n in need):
+            raise ValueError(f"module {name!r}: missing {[n for n in need if n not in parts]} in {ADAPTER_WEIGHTS}")
+        a, b = parts[need[0]], parts[need[1]]
+        if embedding:
+            n_in, n_out = base.weight.shape
+        else:
+            n_in, n_out = (base.weight.shape if is_conv1d(base) else base.weight.shape[::-1])
+        total_rank = config.rank_for(name)
+        mask = enable.get(name)
+        slices = sum(mask) if mask else 1
+        if total_rank % slices:
+            raise ValueError(f"module {name!r}: rank {total_rank} is not divisible by its {slices} enabled slices")
+        if a.shape != (total_rank, n_in) or b.shape != (n_out, total_rank):
+            raise ValueError(f"module {name!r}: adapter_config.json says rank {total_rank}, so lora_A must be "
+                             f"{(total_rank, n_in)} and lora_B {(n_out, total_rank)}; the file has "
+                             f"{tuple(a.shape)} and {tuple(b.shape)}")
+        if config.use_dora and not embedding and ".lora_magnitude_vector" not in parts:
+            raise ValueError(f"module {name!r}: use_dora is set but lora_magnitude_vector is missing")
+        if ".lora_magnitude_vector" in parts and parts[".lora_magnitude_vector"].shape != (n_out,):
+            raise ValueError(f"module {name!r}: lora_magnitude_vector must have shape {(n_out,)}, "
+                             f"got {tuple(parts['.lora_magnitude_vector'].shape)}")
+        plan[name] = (a, b, parts.get(".lora_magnitude_vector"), mask, total_rank // slices)
+    for name in plan:
+        if isinstance(modules[name], LORA_LAYERS) and adapter_name in modules[name].adapters:
+            raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}")
+
+    # Everything checked: build the adapters. Any failure from here on restores the model.
+    replaced, added = [], []
+    try:
+        for name, (a, b, mag, mask, rank) in plan.items():
+            module = modules[name]
+            alpha = config.alpha_for(name)
+            if mask:
+                slices = sum(mask)
+                alpha = alpha / (math.sqrt(slices) if config.use_rslora else slices)
+            kw = dict(rank=rank, alpha=alpha, dropout=config.dropout, use_rslora=config.use_rslora,
+                      use_dora=mag is not None, enable_lora=mask)
+            if isinstance(module, LORA_LAYERS):
+                module.add_adapter(adapter_name, **kw)
+                layer = module
+                added.append(layer)
+            elif isinstance(module, nn.Embedding):
+                layer = LoRAEmbedding(module, rank, alpha, use_rslora=config.use_rslora, backend=backend,
+                                      adapter_name=adapter_name)
+                _set_module(model, name, layer)
+                replaced.append((name, module))
+            else:
+                layer = LoRALinear(module, adapter_name=adapter_name, backend=backend, **kw)
+                _set_module(model, name, layer)
+                replaced.append((name, module))
+            _copy_adapter(layer.adapters[adapter_name], a, b, mag, name)
+        with torch.no_grad():
+            for pname, value in biases.items():
+                params[pname].copy_(value.to(params[pname].dtype))
+    except Exception:
+        for layer in added:
+            if adapter_name in layer.adapters:
+                if layer.active_adapter == adapter_name:
+                    layer.active_adapter = next((n for n in layer.adapters if n != adapter_name), None)
+                del layer.adapters[adapter_name]
+        for name, original in replaced:
+            _set_module(model, name, original)
+        raise
+    configs = dict(getattr(model, "lora_configs", {}) or {})
+    configs[adapter_name] = config
+    model.lora_configs = configs
+    mark_only_lora_as_trainable(model, bias=config.bias)
+    return sorted(plan)
+
+
+@torch.no_grad()
+def _copy_adapter(adapter, a, b, mag, name):
+    adapter.lora_A.copy_(a.to(adapter.lora_A.dtype))
+    if adapter.enable_lora is None:
+        adapter.lora_B.copy_(b.to(adapter.lora_B.dtype))
+    else:
+        slices = len(adapter.enable_lora)
+        slice_out = adapter.out_features // slices
+        r = adapter.rank
+        e = 0
+        expected = torch.zeros_like(b)
+        for i, on in enumerate(adapter.enable_lora):
+            if on:
+                block = b[i * slice_out:(i + 1) * slice_out, e * r:(e + 1) * r]
+                adapter.lora_B[e * slice_out:(e + 1) * slice_out].copy_(block.to(adapter.lora_B.dtype))
+                expected[i * slice_out:(i + 1) * slice_out, e * r:(e + 1) * r] = block
+                e += 1
+        if not torch.equal(expected, b):
+            raise ValueError(f"module {name!r}: lora_B is not block-diagonal over the enabled slices "
+                             f"{adapter.enable_lora} recorded in {SIDECAR}")
+    if mag is not None:
+        adapter.lora_magnitude.copy_(mag.to(adapter.lora_magnitude.dtype))
