@@ -468,6 +468,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     peft_cfg, tensors, sidecar = _read_adapter_files(directory)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     biases = {}
+    base_weights = {}  # PEFT saves a targeted embedding's full base weight (save_embedding_layers)
     for key, value in tensors.items():
         if not key.startswith(PEFT_PREFIX):
             raise ValueError(f"unexpected key {key!r} in {ADAPTER_WEIGHTS} (expected the prefix {PEFT_PREFIX!r})")
@@ -477,9 +478,20 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             if rest.endswith(".bias"):
                 biases[rest] = value
                 continue
+            if rest.endswith(".base_layer.weight"):
+                base_weights[rest[: -len(".base_layer.weight")]] = value
+                continue
             raise ValueError(f"unexpected key {key!r} in {ADAPTER_WEIGHTS}")
         by_module.setdefault(rest[: -len(suffix)], {})[suffix] = value
     modules = adaptable_modules(model)
+    for name, value in base_weights.items():
+        target = modules.get(name)
+        if target is None or not isinstance(_base_of(target), nn.Embedding) or name not in by_module:
+            raise ValueError(f"unexpected base weight for {name!r} in {ADAPTER_WEIGHTS} (only adapted embeddings "
+                             "may carry one)")
+        if tuple(value.shape) != tuple(_base_of(target).weight.shape):
+            raise ValueError(f"{name}.base_layer.weight has shape {tuple(value.shape)}, the model's embedding "
+                             f"{tuple(_base_of(target).weight.shape)}")
     missing = sorted(m for m in by_module if m not in modules)
     if missing:
         raise ValueError(f"the adapter has weights for modules the model lacks: {missing}")
@@ -548,6 +560,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         with torch.no_grad():
             for pname, value in biases.items():
                 params[pname].copy_(value.to(params[pname].dtype))
+            for name, value in base_weights.items():  # a no-op unless PEFT saved a changed embedding
+                emb = model.get_submodule(name).base_layer.weight
+                if not torch.equal(emb, value.to(emb.dtype)):
+                    emb.copy_(value.to(emb.dtype))
     except Exception:
         for layer in added:
             if adapter_name in layer.adapters:
