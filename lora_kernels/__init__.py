@@ -31,6 +31,7 @@ from .model import (
     unmerge,
 )
 from .reference import dora_linear_ref, lora_linear_ref
+from . import peft  # noqa: E402  (lk.peft.convert; imports peft itself only when called)
 
 __version__ = "0.1.0"
 
