@@ -1,4 +1,4 @@
-"""The ``lora-kernels`` command."""
+"""The ``lora-kernels`` command: ``info``, ``check`` (validation) and ``bench`` (microbenchmarks)."""
 from __future__ import annotations
 
 import argparse
@@ -22,38 +22,175 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _cmd_check(args) -> int:
+def _use_interpreter_without_gpu(device: str | None) -> str:
+    """The device to use; without CUDA, switch the Triton interpreter on. This must happen before the
+    kernels are imported (DESIGN.md §5); they are imported lazily."""
     import torch
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("lora-kernels: --device cuda asked for, but torch sees no CUDA device")
     if not torch.cuda.is_available():
-        # Must happen before the kernels are imported (DESIGN.md §5); they are imported lazily.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from .check import run_check
+    return device
 
-    paths = args.paths.split(",") if args.paths else None
-    ok = run_check(device=args.device, paths=paths)
+
+def _csv(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _cmd_check(args) -> int:
+    device = _use_interpreter_without_gpu(args.device)
+    from .check import GRIDS, run_check
+
+    grid_name = "quick" if args.quick else args.grid
+    grid = GRIDS[grid_name] if grid_name else None
+    ok = run_check(device=device, grid=grid, paths=_csv(args.paths), summary=args.summary, json_path=args.json)
     return 0 if ok else 1
+
+
+def _cmd_bench(args) -> int:
+    device = _use_interpreter_without_gpu(args.device)
+    from . import benchmark as bm
+
+    preset = args.preset or (("quick" if device == "cuda" else "cpu-quick") if args.quick
+                             else ("full" if device == "cuda" else "cpu"))
+    if device != "cuda" and preset in ("full", "quick") and not args.allow_large_on_cpu:
+        print(f"lora-kernels bench: preset {preset!r} has Llama-3-8B shapes, far too large for a CPU (the Triton "
+              "paths run in the interpreter); use --preset cpu or cpu-quick, or --allow-large-on-cpu", file=sys.stderr)
+        return 2
+    shapes = bm.PRESETS[preset][0]()
+    axes = [args.projections, args.tokens, args.ranks, args.dropouts, args.dtypes, args.kinds]
+    custom = any(a is not None for a in axes)
+    try:
+        if custom:  # a custom grid: the cross product, the preset filling gaps
+            projections = (bm.parse_projections(args.projections) if args.projections
+                           else {s.name: (s.k, s.n) for s in shapes})
+            tokens = [int(t) for t in _csv(args.tokens)] if args.tokens else sorted({s.m for s in shapes})
+            ranks = [int(r) for r in _csv(args.ranks)] if args.ranks else sorted({s.r for s in shapes})
+            dropouts = ([float(p) for p in _csv(args.dropouts)] if args.dropouts
+                        else sorted({s.dropout_p for s in shapes}))
+            dtypes = _csv(args.dtypes) or list(dict.fromkeys(s.dtype for s in shapes))
+            kinds = [k.lower() for k in _csv(args.kinds)] if args.kinds else ["lora"]
+            for dt in dtypes:
+                if dt not in ("float32", "float16", "bfloat16"):
+                    raise ValueError(f"--dtypes: {dt!r} is not one of float32, float16, bfloat16")
+            for k in kinds:
+                if k not in ("lora", "dora"):
+                    raise ValueError(f"--kinds: {k!r} is not one of lora, dora")
+            shapes = bm.grid_shapes(projections, tokens, ranks, dropouts, dtypes, kinds)
+        providers = _csv(args.providers) or list(bm.DEFAULT_GPU_PROVIDERS if device == "cuda"
+                                                 else bm.DEFAULT_CPU_PROVIDERS)
+        for p in providers:
+            if p not in bm.PROVIDERS:
+                raise ValueError(f"--providers: {p!r} is not one of {', '.join(bm.PROVIDERS)}")
+        modes = [] if args.saved_bytes_only else (_csv(args.modes) or list(bm.MODES))
+        for mode in modes:
+            if mode not in bm.MODES:
+                raise ValueError(f"--modes: {mode!r} is not one of {', '.join(bm.MODES)}")
+    except ValueError as exc:
+        print(f"lora-kernels bench: {exc}", file=sys.stderr)
+        return 2
+
+    if device == "cuda":
+        quick = preset == "quick"
+        timer = bm.make_timer("cuda", warmup_ms=10 if quick else 25, rep_ms=40 if quick else 100)
+    else:
+        timer = bm.make_timer("cpu", cpu_reps=args.reps or 2)
+        print(f"# {bm.CPU_NOTE}")
+        if not args.providers:
+            print("# torch.compile is left out on CPU by default (Inductor takes ~20 s per shape there); "
+                  "add it with --providers")
+    print(f"# {'custom grid' if custom else 'preset ' + preset}: {len(shapes)} shapes x {len(providers)} providers "
+          f"({', '.join(providers)}), "
+          f"modes {', '.join(modes) or 'none (saved bytes only)'}")
+    rows, meta, files = bm.run_bench(shapes, providers, device, modes, out_dir=args.out, budget_s=args.budget,
+                                     progress=not args.no_progress, plots=not args.no_plots,
+                                     compile_backend=args.compile_backend, timer=timer,
+                                     meta_extra={"preset": "custom" if custom else preset, "argv": args.argv})
+    print(f"# {bm.hardware_line(meta)}")
+    print(bm.markdown_table(rows))
+    if args.details:
+        print()
+        print(bm.markdown_details(rows))
+    for row in rows:
+        if row.mode in ("invalid", "skipped"):
+            why = row.extra.get("reason") or f"max rel err {row.extra.get('rel_err', float('nan')):.2e} > " \
+                                              f"{row.extra.get('tol')}"
+            print(f"# {row.mode}: {row.provider} at {bm.Shape(**row.shape)}: {why}")
+    if files:
+        print("# wrote " + ", ".join(files))
+    invalid = [r for r in rows if r.mode == "invalid"]
+    return 1 if invalid else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="lora-kernels",
-        description="Fused Triton kernels for LoRA: validation and information.",
+        description="Fused Triton kernels for LoRA: validation, benchmarks and information.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, device, and the backend that would be used")
     p_info.set_defaults(func=_cmd_info)
+
     p_check = sub.add_parser(
         "check",
-        help="validate every path (torch, Triton fused, Triton hybrid) against the float64 reference",
-        description="Runs y, dx, dA, dB, db of every path against the float64 reference and prints a "
-                    "table; exits non-zero on any failure. Without a GPU the Triton paths run in "
-                    "Triton's CPU interpreter on a small grid.",
+        help="validate every path (torch, Triton fused, Triton hybrid; LoRA and DoRA) against the float64 reference",
+        description="Runs y and every gradient (dx, dA, dB, dm, db) of every path, LoRA and DoRA, against the "
+                    "float64 reference over a grid of shapes, ranks, dtypes and dropout rates, and prints a table "
+                    "(path, case, relative error, tolerance, pass/fail); exits non-zero on any failure. Without a "
+                    "GPU the Triton paths run in Triton's CPU interpreter on a small grid.",
     )
     p_check.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     p_check.add_argument("--paths", default=None, help="comma-separated subset of torch,fused,hybrid")
+    p_check.add_argument("--grid", choices=["quick", "small", "gpu"], default=None,
+                         help="cases to run (default: gpu on CUDA, small on CPU)")
+    p_check.add_argument("--quick", action="store_true", help="the quick grid (4 cases, seconds in the interpreter)")
+    p_check.add_argument("--summary", action="store_true",
+                         help="one row per path and case: the max relative error over y and the gradients")
+    p_check.add_argument("--json", default=None, metavar="PATH", help="also write every figure to this JSON file")
     p_check.set_defaults(func=_cmd_check)
+
+    p_bench = sub.add_parser(
+        "bench",
+        help="validate, then time LoRA/DoRA providers (ours, the frozen floor, unfused eager, PEFT, torch.compile)",
+        description="Validates each provider once (y and gradients against an fp32 reference), then times forward, "
+                    "backward and forward+backward. Prints a markdown table; writes bench.json (every raw figure, "
+                    "hardware, versions, git commit, date), bench.md and PNG plots to --out. Presets: full (GPU "
+                    "default: Llama-3-8B projections), quick (GPU --quick), cpu (CPU default: 1/32-scale shapes), "
+                    "cpu-quick (CPU --quick). CPU timings say nothing about GPU speed; saved-for-backward bytes "
+                    "are exact on any device.",
+    )
+    p_bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    p_bench.add_argument("--quick", action="store_true", help="a small preset (quick on a GPU, cpu-quick on CPU)")
+    p_bench.add_argument("--preset", choices=["full", "quick", "cpu", "cpu-quick"], default=None)
+    p_bench.add_argument("--projections", default=None,
+                         help="comma-separated IN x OUT (e.g. 4096x1024) or Llama-3-8B names: q/o, k/v, gate/up, down")
+    p_bench.add_argument("--tokens", default=None, help="comma-separated token counts (M)")
+    p_bench.add_argument("--ranks", default=None, help="comma-separated ranks")
+    p_bench.add_argument("--dropouts", default=None, help="comma-separated dropout rates")
+    p_bench.add_argument("--dtypes", default=None, help="comma-separated subset of bfloat16,float16,float32")
+    p_bench.add_argument("--kinds", default=None, help="lora, dora or lora,dora (with a custom grid; default lora)")
+    p_bench.add_argument("--providers", default=None,
+                         help="comma-separated subset of base,unfused,peft,compile,torch,fused,hybrid "
+                              "(default GPU: base,unfused,peft,fused,hybrid,compile; CPU: no compile, plus torch)")
+    p_bench.add_argument("--modes", default=None, help="comma-separated subset of fwd,bwd,fwdbwd (default: all)")
+    p_bench.add_argument("--saved-bytes-only", action="store_true",
+                         help="validate and measure bytes saved for backward, no timing (exact on CPU too)")
+    p_bench.add_argument("--out", default="bench_out", help="output folder (default: ./bench_out)")
+    p_bench.add_argument("--budget", type=float, default=None,
+                         help="seconds: start no new shape (or provider) after this; results so far are kept")
+    p_bench.add_argument("--reps", type=int, default=None, help="CPU only: timed repetitions per figure")
+    p_bench.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    p_bench.add_argument("--details", action="store_true", help="also print every figure (as in bench.md)")
+    p_bench.add_argument("--no-plots", action="store_true")
+    p_bench.add_argument("--no-progress", action="store_true")
+    p_bench.add_argument("--allow-large-on-cpu", action="store_true", 
+                         help="run the full or quick (Llama-3-8B) preset on CPU anyway, e.g. with --saved-bytes-only")
+    p_bench.set_defaults(func=_cmd_bench)
+
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args.func(args)
 
 

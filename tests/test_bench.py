@@ -1,21 +1,37 @@
-"""The benchmark harness on CPU: it validates, times and accounts saved bytes (timings on CPU say
-nothing about GPU speed; saved bytes are exact anywhere)."""
+"""The benchmark harness (lora_kernels.benchmark) on CPU: it validates (y and gradients), times,
+computes ratios and accounts saved bytes. CPU timings say nothing about GPU speed; saved bytes are
+exact on any device, so those are asserted exactly."""
 import math
+import sys
 
-from bench.bench_lora import Shape, markdown_table, run_shape
+import pytest
+import torch
+
+from lora_kernels import benchmark as bm
+from lora_kernels import torch_backend
+from lora_kernels.benchmark import Row, Shape, markdown_table, run_shape
 
 
 def test_bench_rows_and_saved_bytes_on_cpu():
     shape = Shape("tiny", 96, 64, 48, 4, 0.1, "float32")
-    rows = run_shape(shape, ["base", "unfused", "torch"], "cpu", modes=("fwdbwd",))
-    by = {r.provider: r for r in rows}
-    assert set(by) == {"base", "unfused", "torch"}
+    rows = run_shape(shape, ["base", "unfused", "torch"], "cpu", modes=("fwd", "fwdbwd"))
+    assert [(r.provider, r.mode) for r in rows] == [(p, m) for p in ("base", "unfused", "torch")
+                                                      for m in ("fwd", "fwdbwd")]
+    by = {r.provider: r for r in rows if r.mode == "fwdbwd"}
     for r in rows:
-        assert r.mode == "fwdbwd" and r.ms_median > 0 and math.isfinite(r.tflops)
+        assert r.ms_p20 <= r.ms_median <= r.ms_p80 and len(r.times_ms) == 5 and math.isfinite(r.tflops)
         assert r.extra["rel_err"] < 1e-4
+        assert r.peak_mem_mb is None  # no CUDA: no peak-memory figure rather than a made-up one
+    assert set(by["torch"].extra["errors"]) == {"y", "dx", "dA", "dB"}  # gradients are validated too
+    assert set(by["base"].extra["errors"]) == {"y", "dx"}
     # unfused keeps drop(x) (M×K fp32) and its mask; ours keeps only u (M×r) beyond x and params
     assert by["torch"].saved_bytes == 96 * 4 * 4
     assert by["unfused"].saved_bytes >= 96 * 64 * 4 + by["torch"].saved_bytes
+    assert by["base"].saved_bytes == 0
+    # ratios measured side by side: time / floor, and baselines' time / ours
+    assert by["torch"].ratios["vs_base"] == pytest.approx(by["torch"].ms_median / by["base"].ms_median)
+    assert by["torch"].ratios["speedup_vs_unfused"] == pytest.approx(by["unfused"].ms_median / by["torch"].ms_median)
+    assert "vs_base" not in by["base"].ratios and "speedup_vs_unfused" not in by["unfused"].ratios
     table = markdown_table(rows)
     assert "| LoRA | tiny | 96 | 4 | 0.1 | float32 |" in table
 
@@ -24,15 +40,112 @@ def test_bench_dora_rows_on_cpu():
     shape = Shape("tiny", 64, 48, 40, 4, 0.1, "float32", dora=True)
     rows = run_shape(shape, ["base", "unfused", "peft", "torch"], "cpu", modes=("fwdbwd",))
     by = {r.provider: r for r in rows}
-    assert "unfused" not in by and {"base", "torch"} <= set(by)
+    assert "unfused" not in by and {"base", "torch", "peft"} <= set(by)  # unfused is LoRA only
+    if by["peft"].mode == "skipped":
+        assert "peft" in by["peft"].extra["reason"]
+        pytest.skip("peft is not installed")
     assert all(r.mode == "fwdbwd" and r.extra["rel_err"] < 1e-4 for r in rows)
-    if "peft" in by:  # DoRA saves u, h and n; PEFT's DoRA saves more
-        assert by["torch"].saved_bytes < by["peft"].saved_bytes
+    assert set(by["torch"].extra["errors"]) == {"y", "dx", "dA", "dB", "dm"}
+    assert by["torch"].saved_bytes < by["peft"].saved_bytes  # DoRA saves u, h and n; PEFT's DoRA more
 
 
 def test_invalid_provider_is_reported_not_timed(monkeypatch):
-    import bench.bench_lora as bl
-
-    monkeypatch.setattr(bl, "validate", lambda *a, **k: float("nan"))
+    monkeypatch.setattr(bm, "validate", lambda *a, **k: {"y": float("nan")})
     rows = run_shape(Shape("tiny", 32, 64, 48, 4, 0.0, "float32"), ["torch"], "cpu", modes=("fwd",))
-    assert [r.mode for r in rows] == ["invalid"]
+    assert [r.mode for r in rows] == ["invalid"] and math.isnan(rows[0].ms_median)
+
+
+def test_validation_catches_a_wrong_gradient(monkeypatch):
+    real = torch_backend.lora_linear_bwd
+
+    def wrong_bwd(*args, **kwargs):  # dB off by 5 %: y is right, only a gradient is wrong
+        dx, da, db = real(*args, **kwargs)
+        return dx, da, db * 1.05
+
+    monkeypatch.setattr(torch_backend, "lora_linear_bwd", wrong_bwd)
+    rows = run_shape(Shape("tiny", 32, 64, 48, 4, 0.1, "float32"), ["unfused", "torch"], "cpu", modes=("fwd",))
+    by = {r.provider: r for r in rows}
+    assert by["unfused"].mode == "fwd"
+    assert by["torch"].mode == "invalid" and by["torch"].extra["errors"]["dB"] > 0.04
+    assert by["torch"].extra["errors"]["y"] < 1e-5
+
+
+def test_compile_provider_runs_or_is_skipped_with_a_reason():
+    shape = Shape("tiny", 32, 48, 40, 4, 0.1, "float32")
+    rows = run_shape(shape, ["unfused", "compile"], "cpu", modes=("fwdbwd",), compile_backend="eager")
+    by = {r.provider: r for r in rows}
+    assert by["compile"].mode == "fwdbwd" and by["compile"].extra["rel_err"] < 1e-4
+    assert by["compile"].saved_bytes == by["unfused"].saved_bytes  # same eager graph: same saved tensors
+    rows = run_shape(shape, ["base", "compile"], "cpu", modes=("fwdbwd",), compile_backend="no-such-backend")
+    by = {r.provider: r for r in rows}
+    assert by["base"].mode == "fwdbwd"
+    assert by["compile"].mode == "skipped" and "no-such-backend" in by["compile"].extra["reason"]
+
+
+def test_time_budget_skips_the_remaining_providers():
+    rows = run_shape(Shape("tiny", 32, 48, 40, 4, 0.0, "float32"), ["base", "torch"], "cpu", modes=("fwd",),
+                     deadline=0.0)
+    assert [(r.provider, r.mode, r.extra["reason"]) for r in rows] == [
+        ("base", "skipped", "time budget reached"), ("torch", "skipped", "time budget reached")]
+
+
+def _row(provider, mode, ms, **kw):
+    shape = dict(name="p", m=8, k=4, n=4, r=2, dropout_p=0.1, dtype="float32", dora=False)
+    return Row(shape, provider, mode, ms, ms, ms, 1.0, **kw)
+
+
+def test_ratios_and_tables_from_known_figures():
+    rows = [_row("base", "fwdbwd", 1.0, saved_bytes=0), _row("unfused", "fwdbwd", 4.0, saved_bytes=3 * 2**20),
+            _row("fused", "fwdbwd", 2.0, saved_bytes=2048), _row("hybrid", "fwdbwd", 1.6, saved_bytes=2048),
+            _row("peft", "skipped", float("nan"), extra={"reason": "peft is not installed"})]
+    bm.add_ratios(rows)
+    hybrid = rows[3]
+    assert hybrid.ratios == {"vs_base": pytest.approx(1.6), "speedup_vs_unfused": pytest.approx(2.5)}
+    table = markdown_table(rows)
+    line = table.splitlines()[2]
+    # best of ours is hybrid: 1.6× the floor, 2.5× faster than unfused; saved 2 KiB vs 3 MiB
+    assert "| 1.6× | 2.5× |" in line and "2.0 KiB / 3.0 MiB" in line and "| skipped |" in line
+    details = bm.markdown_details(rows)
+    assert "peft is not installed" in details and "1.600 [1.600–1.600]" in details
+
+
+def test_default_shapes_are_the_llama_grid():
+    shapes = bm.default_shapes()
+    assert {(s.k, s.n) for s in shapes} == {(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)}
+    assert {s.m for s in shapes} == {2048, 8192, 16384} and {s.r for s in shapes} == {8, 16, 64}
+    assert {s.dropout_p for s in shapes} == {0.0, 0.1} and {s.dtype for s in shapes} == {"bfloat16"}
+    assert {s.dora for s in shapes} == {False, True}
+    quick = bm.quick_shapes()
+    assert quick[0].m == 8192 and quick[0].dropout_p == 0.1 and any(s.dora for s in quick)
+    assert bm.parse_projections("q/o,4096x1024, 14336→4096") == {
+        "q/o 4096→4096": (4096, 4096), "4096→1024": (4096, 1024), "14336→4096": (14336, 4096)}
+    grid = bm.grid_shapes({"a": (64, 32)}, [8, 16], [4], [0.0, 0.1], ["float32", "float16"], ["lora", "dora"])
+    assert len(grid) == 2 * 2 * 2 * 2 and sum(s.dora for s in grid) == 8
+
+
+def test_plots_degrade_without_matplotlib(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    messages = []
+    files = bm.write_plots([_row("base", "fwdbwd", 1.0, saved_bytes=0)], str(tmp_path), log=messages.append)
+    assert files == [] and list(tmp_path.iterdir()) == []
+    assert "matplotlib is not installed" in messages[0]
+
+
+def test_progress_degrades_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    assert not bm.progress_available()
+    bar = bm._Progress(3, delay=0.0)
+    assert bar.bar is None
+    for i in range(3):
+        bar.last_line = 0.0
+        bar.step(f"item {i}")
+    bar.close()
+    err = capsys.readouterr().err
+    assert "[2/3" in err and "item 2" in err
+
+
+def test_saved_bytes_counts_only_new_tensors():
+    x = torch.randn(16, 8, requires_grad=True)
+    w = torch.randn(4, 8)
+    assert bm.saved_bytes(lambda: (x * 2).sum(), {x.data_ptr()}) == 0
+    assert bm.saved_bytes(lambda: (x.exp() @ w.t()).sum(), {x.data_ptr(), w.data_ptr()}) == 16 * 8 * 4

@@ -1,8 +1,13 @@
-"""The lora-kernels command."""
+"""The lora-kernels command: info, check (and bench's argument handling; bench runs in test_bench_cli.py)."""
+import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from lora_kernels import check as check_module
+from lora_kernels import torch_backend
 from lora_kernels.cli import main
 
 
@@ -11,18 +16,74 @@ def test_info(capsys):
     assert "torch" in capsys.readouterr().out
 
 
-def test_check_passes_and_prints_a_table(capsys):
+def test_check_passes_on_the_small_grid_and_prints_a_table(capsys):
     assert main(["check", "--device", "cpu", "--paths", "torch"]) == 0
     out = capsys.readouterr().out
+    assert "CPU only" in out and "small grid" in out
     assert "rel err" in out and "FAIL" not in out and " pass" in out
+    rows = [line for line in out.splitlines() if line.startswith("torch ")]
+    assert len(rows) == sum(4 + c.bias + c.dora for c in check_module.SMALL_GRID)  # every quantity of every case
+    assert any(" DoRA " in r and " dm " in r for r in rows) and any(" db " in r for r in rows)
 
 
-def test_check_fails_with_nonzero_status_when_a_path_is_wrong(monkeypatch, capsys):
+def test_check_quick_summary_with_a_triton_path_writes_json(tmp_path, capsys):
+    path = tmp_path / "check.json"
+    assert main(["check", "--quick", "--summary", "--paths", "torch,fused", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "max rel err" in out and "FAIL" not in out
+    data = json.loads(path.read_text())
+    assert data["failures"] == 0 and data["paths"] == ["torch", "fused"]
+    assert len(data["results"]) == 2 * len(check_module.QUICK_GRID)
+    assert all(r["ok"] and max(r["errors"].values()) <= r["tol"] for r in data["results"])
+    assert {"y", "dx", "dA", "dB", "dm"} <= set().union(*(r["errors"] for r in data["results"]))
+
+
+def test_check_fails_with_nonzero_status_when_a_wrong_path_is_injected(monkeypatch, capsys):
+    real = torch_backend.lora_linear_bwd
+
+    def wrong_bwd(*args, **kwargs):  # dA off by 1 %
+        dx, da, db = real(*args, **kwargs)
+        return dx, da * 1.01, db
+
+    monkeypatch.setattr(torch_backend, "lora_linear_bwd", wrong_bwd)
+    assert main(["check", "--quick", "--summary", "--paths", "torch"]) == 1
+    out = capsys.readouterr().out
+    fails = [line for line in out.splitlines() if line.endswith("FAIL")]
+    assert fails and all("(dA)" in line for line in fails)
+    assert not any("DoRA" in line for line in fails)  # DoRA has its own backward, untouched
+
+
+def test_check_reports_a_crashing_path_as_a_failure(monkeypatch, capsys):
+    def crash(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(torch_backend, "dora_linear_fwd", crash)
+    assert main(["check", "--quick", "--paths", "torch"]) == 1
+    assert "ERROR RuntimeError: injected" in capsys.readouterr().out
+
+
+def test_check_fails_when_tolerances_are_impossible(monkeypatch, capsys):
     monkeypatch.setitem(check_module.TOLERANCES, check_module.f32, 1e-30)
-    assert main(["check", "--device", "cpu", "--paths", "torch"]) == 1
+    assert main(["check", "--device", "cpu", "--quick", "--paths", "torch"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
 
-def test_console_script_help():
+def test_bench_rejects_bad_arguments(capsys):
+    assert main(["bench", "--providers", "base,nope", "--no-progress"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["bench", "--modes", "sideways"]) == 2
+    assert main(["bench", "--dtypes", "float64", "--tokens", "8"]) == 2
+    assert main(["bench", "--projections", "4096by1024"]) == 2
+    if not torch.cuda.is_available():  # Llama-3-8B shapes are refused on CPU unless asked for
+        assert main(["bench", "--preset", "full"]) == 2
+        assert "too large for a CPU" in capsys.readouterr().err
+
+
+def test_console_script_help(capsys):
     res = subprocess.run([sys.executable, "-m", "lora_kernels.cli", "--help"], capture_output=True, text=True)
-    assert res.returncode == 0 and "check" in res.stdout
+    assert res.returncode == 0 and "check" in res.stdout and "bench" in res.stdout
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--quick" in out and "--providers" in out and "say nothing about GPU speed" in out

@@ -1,0 +1,74 @@
+"""`lora-kernels bench` end to end on CPU (the Triton paths in the interpreter): JSON with every
+provider and the environment, the markdown table, PNG plots, saved bytes. CPU timings say nothing
+about GPU speed, so no test here compares times."""
+import json
+
+from lora_kernels import benchmark as bm
+from lora_kernels.cli import main
+
+try:
+    import matplotlib  # noqa: F401
+    HAS_MPL = True
+except ImportError:  # CI must install matplotlib for the PNG branch to run
+    HAS_MPL = False
+
+
+def test_bench_quick_writes_json_table_and_plots(tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    rc = main(["bench", "--quick", "--device", "cpu", "--modes", "fwdbwd", "--reps", "1", "--no-progress",
+               "--out", str(out_dir)])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert "say nothing about GPU speed" in stdout and "| kind | projection |" in stdout
+
+    data = json.loads((out_dir / "bench.json").read_text())
+    meta, rows = data["meta"], data["rows"]
+    assert meta["device"] == "cpu" and meta["gpu"] is None and "GPU speed" in meta["note"]
+    for key in ("cpu", "torch", "triton", "lora_kernels", "git_commit", "date", "preset"):
+        assert key in meta
+    assert meta["preset"] == "cpu-quick" and meta["shapes_done"] == meta["shapes_total"] == 2
+    providers = {r["provider"] for r in rows}
+    assert providers == set(bm.DEFAULT_CPU_PROVIDERS)  # every provider, each reported
+    for r in rows:
+        if r["provider"] == "peft" and r["mode"] == "skipped":
+            assert "peft" in r["extra"]["reason"]  # peft missing: reported, not crashed
+            continue
+        assert r["mode"] == "fwdbwd", r
+        assert r["ms_median"] > 0 and len(r["times_ms"]) == 1 and r["extra"]["rel_err"] < 1e-4
+        assert r["peak_mem_mb"] is None  # measured on CUDA only
+
+    def saved(provider, dora):
+        (row,) = [r for r in rows if r["provider"] == provider and r["shape"]["dora"] == dora]
+        return row["saved_bytes"]
+
+    # p = 0.1: ours keeps u (M×r); unfused keeps drop(x) (M×K) and its mask
+    for ours in ("torch", "fused", "hybrid"):
+        assert saved(ours, False) == 64 * 8 * 4
+        assert saved(ours, False) < saved("unfused", False)
+        assert saved(ours, True) == saved("torch", True)  # every DoRA path saves the same tensors
+
+    md = (out_dir / "bench.md").read_text()
+    assert "AMD" in md or "CPU" in md
+    assert "say nothing about GPU speed" in md and "| fused | fwdbwd |" in md
+    pngs = sorted(p.name for p in out_dir.glob("*.png"))
+    if HAS_MPL:
+        assert pngs == ["memory.png", "speedup.png"]
+        for name in pngs:
+            assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:  # the plot step must say why there is no PNG, and the rest must still be written
+        assert pngs == [] and "matplotlib is not installed" in stdout
+
+
+def test_bench_saved_bytes_only_on_a_custom_grid(tmp_path):
+    rc = main(["bench", "--device", "cpu", "--projections", "64x48", "--tokens", "32", "--ranks", "4",
+               "--dropouts", "0.1", "--dtypes", "float32", "--kinds", "lora,dora",
+               "--providers", "unfused,peft,torch", "--saved-bytes-only", "--no-plots", "--no-progress",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    rows, meta = bm.load_results(str(tmp_path / "bench.json"))
+    assert meta["modes"] == [] and {r.mode for r in rows} <= {"saved", "skipped"}
+    lora = {r.provider: r for r in rows if not r.shape["dora"]}
+    assert lora["torch"].saved_bytes == 32 * 4 * 4 < lora["unfused"].saved_bytes
+    assert all(r.shape["k"] == 64 and r.shape["n"] == 48 for r in rows)
+    table = bm.markdown_table(rows)  # no timing columns, one saved-bytes column per provider
+    assert "| LoRA | 64→48 | 32 | 64→48 | 4 | 0.1 | float32 | 16.5 KiB | 16.5 KiB | 0.5 KiB |" in table
