@@ -87,3 +87,12 @@ def test_seed_out_of_range():
         philox_uniform(-1, torch.arange(4))
     with pytest.raises(ValueError, match="seed"):
         philox_uniform(2**63, torch.arange(4))
+
+
+def test_numpy_and_torch_twins_agree():
+    """CPU masks come from numpy, other devices from torch ops: both must be the same Philox."""
+    from lora_kernels.dropout import _philox_torch, philox_randint
+
+    offsets = torch.cat([torch.arange(5000), torch.arange(300) + 2**33 + 11])
+    for seed in (0, 77, 2**40 + 3, SEED_MAX):
+        assert torch.equal(philox_randint(seed, offsets), _philox_torch(seed, offsets))
