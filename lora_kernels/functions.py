@@ -7,9 +7,21 @@ custom ops with fake (meta) implementations lets ``torch.compile`` treat each as
 
 Saved for backward: x, W, A, B and u (M×r); the seed and p as plain numbers. No mask and no
 masked copy of x: the backward regenerates Z from the seed (DESIGN.md §2).
+
+The seed. Every op takes ``seed: int`` and an optional trailing ``seed_tensor`` (a 1-element integer
+tensor, normally the int64 CPU tensor drawn by :func:`lora_kernels.dropout.draw_seed_tensor`); when
+given, its value is the seed and ``seed`` is ignored. The value is read inside the op, so a seed
+drawn in traced code (``seed=None`` under ``torch.compile``) never needs a ``.item()`` there; the
+tensor is saved for backward (8 bytes), which therefore uses the same seed.
+
+Autocast. The ops run with autocast switched off for their device: ``lora_kernels.functional``
+casts the inputs to the autocast dtype before the call, and the implementations' own fp32 steps
+(DoRA's norm, dm) must not be downcast, whether the op is called eagerly, from a compiled graph
+or from a backward run inside an autocast region.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -26,18 +38,37 @@ def _backend_module(impl: str):
     return triton_backend, {"path": impl}
 
 
+def _seed_value(seed: int, seed_tensor: Optional[Tensor]) -> int:
+    """The seed the kernels use: ``seed_tensor``'s value when given, else ``seed``."""
+    if seed_tensor is None:
+        return seed
+    value = int(seed_tensor.reshape(-1)[0].item())  # a CPU tensor: no device synchronisation
+    if not 0 <= value < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {value} (from a seed tensor)")
+    return value
+
+
+def _autocast_off(device: torch.device):
+    """Autocast disabled for ``device``'s type while an op runs (its inputs are already cast)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 @torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-    scale: float, dropout_p: float, seed: int, impl: str,
+    scale: float, dropout_p: float, seed: int, impl: str, seed_tensor: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """(y, u) for a 2-D x (M×K): y = x·Wᵀ + b + s·u·Bᵀ, u = (x⊙Z)·Aᵀ (M×r, kept for backward)."""
     module, kw = _backend_module(impl)
-    return module.lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, **kw)
+    seed = _seed_value(seed, seed_tensor)
+    with _autocast_off(x.device):
+        return module.lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, **kw)
 
 
 @lora_linear_fwd.register_fake
-def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, impl):
+def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, impl, seed_tensor=None):
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]))
 
 
@@ -45,43 +76,48 @@ def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, impl):
 def lora_linear_bwd(
     grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, u: Tensor,
     scale: float, dropout_p: float, seed: int, impl: str, compute_dx: bool,
+    seed_tensor: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB) of DESIGN.md §2; dx is an empty tensor when ``compute_dx`` is False."""
     module, kw = _backend_module(impl)
-    dx, da, db = module.lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, u, scale, dropout_p, seed,
-                                        compute_dx, **kw)
+    seed = _seed_value(seed, seed_tensor)
+    with _autocast_off(x.device):
+        dx, da, db = module.lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, u, scale, dropout_p, seed,
+                                            compute_dx, **kw)
     return (dx if dx is not None else x.new_empty((0,))), da, db
 
 
 @lora_linear_bwd.register_fake
-def _(grad_y, x, weight, lora_a, lora_b, u, scale, dropout_p, seed, impl, compute_dx):
+def _(grad_y, x, weight, lora_a, lora_b, u, scale, dropout_p, seed, impl, compute_dx, seed_tensor=None):
     dx = x.new_empty(x.shape) if compute_dx else x.new_empty((0,))
     return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, impl = inputs
+    x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, impl, seed_tensor = inputs
     _, u = output
-    ctx.save_for_backward(x, weight, lora_a, lora_b, u)
+    ctx.save_for_backward(x, weight, lora_a, lora_b, u, seed_tensor)
     ctx.mark_non_differentiable(u)
     ctx.scale, ctx.dropout_p, ctx.seed, ctx.impl = scale, dropout_p, seed, impl
 
 
 def _backward(ctx, grad_y, _grad_u):
-    x, weight, lora_a, lora_b, u = ctx.saved_tensors
+    x, weight, lora_a, lora_b, u, seed_tensor = ctx.saved_tensors
     need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
     grad_x = grad_a = grad_b = grad_w = grad_bias = None
     if need_x or need_a or need_b:
         dx, da, db = torch.ops.lora_kernels.lora_linear_bwd(
-            grad_y, x, weight, lora_a, lora_b, u, ctx.scale, ctx.dropout_p, ctx.seed, ctx.impl, need_x)
+            grad_y, x, weight, lora_a, lora_b, u, ctx.scale, ctx.dropout_p, ctx.seed, ctx.impl, need_x,
+            seed_tensor)
         grad_x = dx if need_x else None
         grad_a = da if need_a else None
         grad_b = db if need_b else None
-    if need_w:  # W is normally frozen; if a caller trains it, dW = gᵀ·x (not fused, plain torch).
-        grad_w = grad_y.t() @ x
-    if need_bias:
-        grad_bias = grad_y.sum(0)
-    return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
+    with _autocast_off(grad_y.device):  # a backward run inside an autocast region: same dtypes as forward
+        if need_w:  # W is normally frozen; if a caller trains it, dW = gᵀ·x (not fused, plain torch).
+            grad_w = grad_y.t() @ x
+        if need_bias:
+            grad_bias = grad_y.sum(0)
+    return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None, None
 
 
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -95,15 +131,17 @@ lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("lora_kernels::dora_linear_fwd", mutates_args=())
 def dora_linear_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, magnitude: Tensor,
-    scale: float, dropout_p: float, seed: int, impl: str,
+    scale: float, dropout_p: float, seed: int, impl: str, seed_tensor: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, u, h, norm) for a 2-D x."""
     module, kw = _backend_module(impl)
-    return module.dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, **kw)
+    seed = _seed_value(seed, seed_tensor)
+    with _autocast_off(x.device):
+        return module.dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, **kw)
 
 
 @dora_linear_fwd.register_fake
-def _(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, impl):
+def _(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, impl, seed_tensor=None):
     m, n = x.shape[0], weight.shape[0]
     return (x.new_empty((m, n)), x.new_empty((m, lora_a.shape[0])), x.new_empty((m, n)),
             x.new_empty((n,), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))
@@ -113,30 +151,34 @@ def _(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, impl):
 def dora_linear_bwd(
     grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, magnitude: Tensor, u: Tensor,
     h: Tensor, norm: Tensor, scale: float, dropout_p: float, seed: int, impl: str, compute_dx: bool,
+    seed_tensor: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dm); dx is an empty tensor when ``compute_dx`` is False."""
     module, kw = _backend_module(impl)
-    dx, da, db, dm = module.dora_linear_bwd(grad_y, x, weight, lora_a, lora_b, magnitude, u, h, norm, scale,
-                                            dropout_p, seed, compute_dx, **kw)
+    seed = _seed_value(seed, seed_tensor)
+    with _autocast_off(x.device):
+        dx, da, db, dm = module.dora_linear_bwd(grad_y, x, weight, lora_a, lora_b, magnitude, u, h, norm, scale,
+                                                dropout_p, seed, compute_dx, **kw)
     return (dx if dx is not None else x.new_empty((0,))), da, db, dm
 
 
 @dora_linear_bwd.register_fake
-def _(grad_y, x, weight, lora_a, lora_b, magnitude, u, h, norm, scale, dropout_p, seed, impl, compute_dx):
+def _(grad_y, x, weight, lora_a, lora_b, magnitude, u, h, norm, scale, dropout_p, seed, impl, compute_dx,
+      seed_tensor=None):
     dx = x.new_empty(x.shape) if compute_dx else x.new_empty((0,))
     return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape), magnitude.new_empty(magnitude.shape)
 
 
 def _dora_setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, impl = inputs
+    x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, impl, seed_tensor = inputs
     _, u, h, norm = output
-    ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, u, h, norm)
+    ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, u, h, norm, seed_tensor)
     ctx.mark_non_differentiable(u, h, norm)
     ctx.scale, ctx.dropout_p, ctx.seed, ctx.impl = scale, dropout_p, seed, impl
 
 
 def _dora_backward(ctx, grad_y, _grad_u, _grad_h, _grad_norm):
-    x, weight, lora_a, lora_b, magnitude, u, h, norm = ctx.saved_tensors
+    x, weight, lora_a, lora_b, magnitude, u, h, norm, seed_tensor = ctx.saved_tensors
     need_x, need_w, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
     if need_w:
         raise RuntimeError("dora_linear: the frozen weight requires grad; DoRA trains the magnitude and the "
@@ -145,12 +187,13 @@ def _dora_backward(ctx, grad_y, _grad_u, _grad_h, _grad_norm):
     if need_x or need_a or need_b or need_m:
         dx, da, db, dm = torch.ops.lora_kernels.dora_linear_bwd(
             grad_y, x, weight, lora_a, lora_b, magnitude, u, h, norm, ctx.scale, ctx.dropout_p, ctx.seed,
-            ctx.impl, need_x)
+            ctx.impl, need_x, seed_tensor)
         grad_x = dx if need_x else None
         grad_a, grad_b, grad_m = (da if need_a else None), (db if need_b else None), (dm if need_m else None)
     if need_bias:
-        grad_bias = grad_y.sum(0)
-    return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None, None, None
+        with _autocast_off(grad_y.device):
+            grad_bias = grad_y.sum(0)
+    return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None, None, None, None
 
 
 dora_linear_fwd.register_autograd(_dora_backward, setup_context=_dora_setup_context)
