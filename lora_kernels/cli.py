@@ -124,6 +124,12 @@ def _cmd_bench(args) -> int:
     return 1 if invalid else 0
 
 
+def _cmd_finetune(args) -> int:
+    from .finetune import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="lora-kernels",
@@ -185,9 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--details", action="store_true", help="also print every figure (as in bench.md)")
     p_bench.add_argument("--no-plots", action="store_true")
     p_bench.add_argument("--no-progress", action="store_true")
-    p_bench.add_argument("--allow-large-on-cpu", action="store_true", 
+    p_bench.add_argument("--allow-large-on-cpu", action="store_true",
                          help="run the full or quick (Llama-3-8B) preset on CPU anyway, e.g. with --saved-bytes-only")
     p_bench.set_defaults(func=_cmd_bench)
+
+    from .finetune import __doc__ as finetune_doc, build_parser as finetune_parser
+
+    p_ft = sub.add_parser(
+        "finetune",
+        help="fine-tune a real pretrained model on real data (offline), report, save the adapter",
+        description=finetune_doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    finetune_parser(p_ft)
+    p_ft.set_defaults(func=_cmd_finetune)
 
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

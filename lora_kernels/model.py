@@ -255,8 +255,25 @@ def adapters_disabled(model: nn.Module):
 # merge
 
 
+def _check_no_tied_embedding(model: nn.Module) -> None:
+    """Merging into an embedding whose weight is tied to another module (GPT-2's wte and lm_head)
+    would also change that module: refuse, naming both."""
+    for name, layer in lora_layers(model).items():
+        if not isinstance(layer, LoRAEmbedding) or layer.active_adapter is None:
+            continue
+        w = layer.base_layer.weight
+        for other, module in model.named_modules():
+            if module is layer.base_layer or other.startswith(name + "."):
+                continue
+            if any(p is w for p in module.parameters(recurse=False)):
+                raise RuntimeError(f"cannot merge the adapter of embedding {name!r}: its weight is tied to "
+                                   f"{other!r}, which merging would change too (untie the weights, or keep the "
+                                   "embedding adapter unmerged)")
+
+
 def merge(model: nn.Module) -> None:
     """Fold every layer's active adapter into its base weight."""
+    _check_no_tied_embedding(model)
     for layer in lora_layers(model).values():
         layer.merge()
 
@@ -264,6 +281,7 @@ def merge(model: nn.Module) -> None:
 def safe_merge(model: nn.Module) -> None:
     """Like :func:`merge`, but first checks every merged weight for NaN/inf; if any is not finite,
     nothing is written anywhere and a ValueError names the layer."""
+    _check_no_tied_embedding(model)
     for name, layer in lora_layers(model).items():
         with torch.no_grad():
             w = layer.weight.float() + layer.delta_weight()
@@ -283,6 +301,7 @@ def unmerge(model: nn.Module) -> None:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapters and put the plain base modules back (no LoRA layer is left)."""
+    _check_no_tied_embedding(model)
     for name, layer in lora_layers(model).items():
         if not layer.merged:
             layer.merge()

@@ -212,3 +212,16 @@ def test_bad_config_and_targets():
     assert not lk.model.lora_layers(model)
     for k, v in model.state_dict().items():
         assert torch.equal(v, snapshot[k])
+
+
+def test_merging_a_tied_embedding_is_refused():
+    """GPT-2 ties lm_head.weight to wte.weight: merging an embedding adapter would change the head."""
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    lk.inject(model, lk.LoraConfig(rank=2, target_modules=["wte", "c_fc"]))
+    w = model.transformer.wte.base_layer.weight.detach().clone()
+    for fn in (lk.merge, lk.safe_merge, lk.merge_and_unload):
+        with pytest.raises(RuntimeError, match="tied to 'lm_head'"):
+            fn(model)
+    assert torch.equal(model.transformer.wte.base_layer.weight, w)
+    assert not any(m.merged for m in lk.model.lora_layers(model).values())
