@@ -498,7 +498,8 @@ def write_report(result: dict, out: str) -> str:
                       f"| time per step | {1000 * r['seconds_per_step']:.0f} ms | {1000 * p['seconds_per_step']:.0f} ms |",
                       f"| peak memory | {r['peak_memory_mb']:.0f} MB | {p['peak_memory_mb']:.0f} MB |"]
             if "cuda" not in r["device"]:
-                lines += ["", "CPU timings and process RSS say nothing about GPU speed or memory."]
+                lines += ["", "CPU timings and process RSS say nothing about GPU speed or memory; the RSS peak is "
+                          "cumulative (PEFT ran second, in the same process)."]
     else:
         r = result
         lines += [f"GPT-2 built from a config, byte-level tokens, data: `{r['data']}`. No pretrained GPT-2 is "

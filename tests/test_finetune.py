@@ -54,3 +54,15 @@ def test_own_data_file_and_bad_options(tmp_path):
         main(["finetune", "--data", str(bad), "--out", str(out)])
     with pytest.raises(SystemExit, match="--steps must be > 0"):
         main(["finetune", "--steps", "0", "--out", str(out)])
+
+
+def test_compare_with_peft_side_by_side(tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["finetune", "--limit", "40", "--steps", "3", "--batch-size", "4", "--max-length", "32",
+                 "--compare-peft", "--out", str(out), "--no-progress"]) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert len(r["peft"]["losses"]) == 3 and r["peft"]["seconds_per_step"] > 0
+    # same data, batches, seed and initial head (B = 0 at step 1): the first losses differ only by the
+    # model's own (unseeded) hidden dropout
+    assert abs(r["peft"]["losses"][0] - r["losses"][0]) < 0.05
+    assert "Side by side with PEFT" in (out / "report.md").read_text()
