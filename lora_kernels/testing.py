@@ -149,5 +149,14 @@ def compare(backend: str, case: LoraCase, device="cpu", relative_to_terms: bool 
     ref = run_reference(case, inputs)
     if not relative_to_terms:
         return {q: rel_error(out[q].cpu(), ref[q]) for q in ref}
-    terms = run_reference(case, tuple(t.abs() if t is not None else None for t in inputs))
+    absolute = [t.detach().double().cpu().abs() if t is not None else None for t in inputs]
+    if case.dora:  # keep |c| = |m|/n: the norm of |W| + s·|B|·|A| does not cancel like the real one
+        x, weight, lora_a, lora_b, bias, grad_y, magnitude = (t.detach().double().cpu() if t is not None else None
+                                                              for t in inputs)
+        n_real = dora_weight_norm_ref(weight, lora_a, lora_b, case.scale)
+        n_abs = dora_weight_norm_ref(absolute[1], absolute[2], absolute[3], case.scale)
+        absolute[6] = magnitude.abs() * n_abs / n_real
+    terms = run_reference(case, tuple(absolute))
+    if case.dora:  # dm = Σ g ⊙ h / n divides by the real n
+        terms["dm"] = terms["dm"] * n_abs / n_real
     return {q: (out[q].cpu().double() - ref[q]).norm().item() / max(terms[q].norm().item(), 1e-300) for q in ref}

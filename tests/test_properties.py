@@ -1,5 +1,7 @@
-"""Property-based checks: drawn shapes, ranks, layouts, dtypes and dropout against the float64
-reference. Hypothesis prints the falsifying case (and its seed) on failure."""
+"""Property-based checks: drawn shapes, ranks, layouts, dtypes, dropout, seeds, LoRA and DoRA against
+the float64 reference, on the torch backend and both Triton paths (the interpreter on CPU, capped
+sizes). 500 drawn cases in CI; `--hypothesis-profile long` runs ten times as many. On failure the
+assertion shows the drawn case (with its dropout seed) and Hypothesis prints the blob to reproduce it."""
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -32,20 +34,29 @@ def _assert_close(path, case, device):
     # in half precision the rounding of the rank-r intermediates (u, v) is then measured against
     # the size of the summed terms. fp32/fp64 keep the strict, result-relative measure (it is the
     # one that caught a cancelling DoRA norm formula).
-    errors = compare(path, case, device=device, relative_to_terms=case.dtype in (torch.float16, torch.bfloat16))
-    tol = TOLERANCES[case.dtype]
+    half = case.dtype in (torch.float16, torch.bfloat16)
+    errors = compare(path, case, device=device, relative_to_terms=half)
+    # With a handful of elements nothing averages out: an output can carry the full rounding of each
+    # half-precision intermediate it went through (u, h, y: up to 3 × 2^-8 for bf16, twice that
+    # where the interpreter truncates instead of rounding, DESIGN.md §5), so half precision gets
+    # twice the grid tests' tolerance here.
+    tol = TOLERANCES[case.dtype] * (2 if half else 1)
     bad = {q: e for q, e in errors.items() if not e <= tol}
     assert not bad, f"{path} {case} seed={case.seed}: {bad} above {tol}"
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# the profile (tests/conftest.py) sets max_examples: 100 in CI, 1000 with --hypothesis-profile long
+SCALE = settings.default.max_examples / 100
+
+
+@settings(max_examples=int(350 * SCALE), suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases(max_dim=96, dtypes=[torch.float32, torch.float64]))
 def test_torch_backend_property(case):
     _assert_close("torch", case, "cpu")
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=cases(max_dim=80, dtypes=[torch.float32, torch.float16, torch.bfloat16]),
+@settings(max_examples=int(150 * SCALE), suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(max_dim=64, dtypes=[torch.float32, torch.float16, torch.bfloat16]),
        path=st.sampled_from(["fused", "hybrid"]))
 def test_triton_paths_property(case, path):
     _assert_close(path, case, KERNEL_DEVICE)
