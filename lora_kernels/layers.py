@@ -3,6 +3,7 @@ per-slice adapters) and ``LoRAEmbedding``; several named adapters per layer, one
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,11 @@ class LoraAdapter(nn.Module):
                 raise ValueError("enable_lora (per-slice adapters) cannot be combined with use_dora")
         slices = sum(self.enable_lora) if self.enable_lora else 1
         slice_out = out_features // len(self.enable_lora) if self.enable_lora else out_features
+        if self.rank > min(in_features, slice_out):
+            # Allowed (PEFT allows it too), but B·A cannot have rank above min(in, out): the extra
+            # rank only costs memory and compute. Python shows this once per call site.
+            warnings.warn(f"LoRA rank {self.rank} exceeds min(in_features={in_features}, out_features={slice_out}); "
+                          "the update's rank is capped at the smaller one", UserWarning, stacklevel=3)
         self.lora_A = nn.Parameter(torch.empty(self.rank * slices, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(slice_out * slices, self.rank, dtype=dtype, device=device))
         self.lora_magnitude = None
