@@ -37,3 +37,16 @@ def tokens(batch=2, seq=10, seed=1):
 
 def logits(model, ids):
     return model(input_ids=ids).logits
+
+
+def randomize_adapters(model, seed=3, std=0.2):
+    """Move every adapter away from its init (B random, DoRA magnitudes scaled) so outputs differ."""
+    import lora_kernels as lk
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lk.model.lora_layers(model).values():
+            for a in layer.adapters.values():
+                a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * std)
+                if a.lora_magnitude is not None:
+                    a.lora_magnitude.mul_(1 + 0.2 * torch.rand(a.lora_magnitude.shape, generator=g))

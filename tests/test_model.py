@@ -8,15 +8,7 @@ from torch import nn
 import lora_kernels as lk
 from lora_kernels.layers import LoRAEmbedding, LoRALinear
 
-from .models import BUILDERS, logits, tiny_gpt2, tiny_llama, tokens
-
-
-def _randomize_b(model, std=0.2, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lk.model.lora_layers(model).values():
-            for a in layer.adapters.values():
-                a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * std)
+from .models import BUILDERS, logits, randomize_adapters, tiny_gpt2, tiny_llama, tokens
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
@@ -74,7 +66,7 @@ def test_gpt2_fused_c_attn_changes_only_q_and_v_slices():
     layer = model.get_submodule(names[0])
     assert layer.active.enable_lora == [True, False, True]
     assert layer.lora_A.shape == (8, 32) and layer.lora_B.shape == (64, 4)
-    _randomize_b(model)
+    randomize_adapters(model)
     x = torch.randn(3, 5, 32)
     ours = layer(x)
     theirs = base.get_submodule(names[0])(x)
@@ -93,7 +85,7 @@ def test_several_adapters_switch_disable_delete():
     ids = tokens()
     base_logits = logits(model, ids)
     lk.inject(model, lk.LoraConfig(rank=4), adapter_name="a")
-    _randomize_b(model, seed=1)
+    randomize_adapters(model, seed=1)
     logits_a = logits(model, ids)
     lk.inject(model, lk.LoraConfig(rank=2, target_modules=["q_proj"]), adapter_name="b")
     assert lk.list_adapters(model) == ["a", "b"]

@@ -12,19 +12,9 @@ import lora_kernels as lk
 from lora_kernels.dropout import apply_dropout, draw_seed
 from lora_kernels.peft import convert
 
-from .models import logits, tiny_bert, tiny_gpt2, tiny_llama, tokens
+from .models import logits, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, tokens
 
 peft = pytest.importorskip("peft")
-
-
-def _randomize(model, seed=3, std=0.2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lk.model.lora_layers(model).values():
-            for a in layer.adapters.values():
-                a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * std)
-                if a.lora_magnitude is not None:
-                    a.lora_magnitude.mul_(1 + 0.2 * torch.rand(a.lora_magnitude.shape, generator=g))
 
 
 CASES = {
@@ -43,7 +33,7 @@ def test_ours_saved_loads_in_peft_and_round_trips_exactly(case, tmp_path):
     model = build()
     base = copy.deepcopy(model)
     lk.inject(model, lk.LoraConfig(**kw))
-    _randomize(model)
+    randomize_adapters(model)
     ids = tokens()
     ours = logits(model, ids)
     lk.save_adapter(model, tmp_path)
@@ -142,7 +132,7 @@ def test_converted_model_still_saves_with_peft(tmp_path):
 def _saved(tmp_path):
     model = tiny_llama()
     lk.inject(model, lk.LoraConfig(rank=4))
-    _randomize(model)
+    randomize_adapters(model)
     lk.save_adapter(model, tmp_path)
     return tmp_path
 
