@@ -11,6 +11,8 @@ the bias (to x's dtype); the frozen weight must then have x's dtype.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import functions  # noqa: F401  (registers the lora_kernels:: custom ops)
@@ -109,7 +111,8 @@ def _prepare(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, training):
         lora_b = lora_b.to(x.dtype)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    return x.reshape(-1, x.shape[-1]), weight, lora_a, lora_b, bias, scale, dropout_p, seed, seed_tensor
+    rows = math.prod(x.shape[:-1])  # not reshape(-1, K): K may be 0
+    return x.reshape(rows, x.shape[-1]), weight, lora_a, lora_b, bias, scale, dropout_p, seed, seed_tensor
 
 
 def dora_linear(

@@ -157,21 +157,36 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
     modules = adaptable_modules(model)
     for name in names:
         _check_target(model, config, name, modules[name], adapter_name)
+    previous = _active_name(model)
     for name in names:
         module = modules[name]
         kw = _adapter_kwargs(model, config, name)
         if isinstance(module, LORA_LAYERS):
             module.add_adapter(adapter_name, **kw)
         elif isinstance(module, nn.Embedding):
-            _set_module(model, name, LoRAEmbedding(module, kw["rank"], kw["alpha"], use_rslora=kw["use_rslora"],
-                                                   backend=backend, adapter_name=adapter_name))
+            new = LoRAEmbedding(module, kw["rank"], kw["alpha"], use_rslora=kw["use_rslora"], backend=backend,
+                                adapter_name=adapter_name)
+            _set_module(model, name, new.train(module.training))
         else:
-            _set_module(model, name, LoRALinear(module, adapter_name=adapter_name, backend=backend, **kw))
+            new = LoRALinear(module, adapter_name=adapter_name, backend=backend, **kw)
+            _set_module(model, name, new.train(module.training))
     configs = dict(getattr(model, "lora_configs", {}) or {})
     configs[adapter_name] = config
     model.lora_configs = configs
-    mark_only_lora_as_trainable(model, bias=config.bias)
+    _finish_adding(model, previous, adapter_name)
     return names
+
+
+def _active_name(model: nn.Module) -> str | None:
+    """The model's active adapter (None before the first one)."""
+    names = [layer.active_adapter for layer in lora_layers(model).values() if layer.active_adapter is not None]
+    return names[0] if names else None
+
+
+def _finish_adding(model: nn.Module, previous: str | None, added: str) -> None:
+    """One adapter is active per model: the one that was (a new adapter waits for set_adapter),
+    or the new one when it is the first."""
+    set_adapter(model, previous if previous is not None else added)
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
@@ -271,18 +286,25 @@ def _check_no_tied_embedding(model: nn.Module) -> None:
                                    "embedding adapter unmerged)")
 
 
+def _with_active(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in lora_layers(model).items() if m.active_adapter is not None}
+
+
 def merge(model: nn.Module) -> None:
-    """Fold every layer's active adapter into its base weight."""
+    """Fold every layer's active adapter into its base weight (layers without one are left alone)."""
     _check_no_tied_embedding(model)
-    for layer in lora_layers(model).values():
-        layer.merge()
+    for layer in _with_active(model).values():
+        if not layer.merged:
+            layer.merge()
 
 
 def safe_merge(model: nn.Module) -> None:
     """Like :func:`merge`, but first checks every merged weight for NaN/inf; if any is not finite,
     nothing is written anywhere and a ValueError names the layer."""
     _check_no_tied_embedding(model)
-    for name, layer in lora_layers(model).items():
+    for name, layer in _with_active(model).items():
+        if layer.merged:
+            continue
         with torch.no_grad():
             w = layer.weight.float() + layer.delta_weight()
             if isinstance(layer, LoRALinear) and layer.use_dora:
@@ -301,10 +323,8 @@ def unmerge(model: nn.Module) -> None:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapters and put the plain base modules back (no LoRA layer is left)."""
-    _check_no_tied_embedding(model)
+    merge(model)
     for name, layer in lora_layers(model).items():
-        if not layer.merged:
-            layer.merge()
         _set_module(model, name, layer.base_layer)
     if hasattr(model, "lora_configs"):
         del model.lora_configs
@@ -402,7 +422,9 @@ def _peft_config_dict(model, config: LoraConfig, adapter_name: str) -> tuple[dic
         "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
         "target_modules": sorted(layers), "exclude_modules": None, "use_rslora": config.use_rslora,
         "use_dora": config.use_dora, "bias": config.bias, "fan_in_fan_out": any_conv1d,
-        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "init_lora_weights": True,
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+        # PiSSA adapters belong to the residual weight W − s·B0·A0: loaders (PEFT too) redo the SVD first
+        "init_lora_weights": "pissa" if config.init == "pissa" else True,
         "modules_to_save": None,
     }
     sidecar = {"format": 1, "adapter_name": adapter_name, "enable_lora": enable, "init": config.init}
@@ -418,6 +440,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     if cfg is None:
         raise KeyError(f"no adapter named {adapter_name!r} was injected into this model "
                        f"(adapters: {list_adapters(model)})")
+    if cfg.init.startswith("pissa_niter_"):
+        raise ValueError(f"adapter {adapter_name!r} was initialised with {cfg.init!r}: its randomized SVD cannot be "
+                         "redone at load time, so the saved A and B would not match the residual weight. Use "
+                         "init='pissa' (exact SVD), or merge_and_unload(model) and save the full model")
     tensors = lora_state_dict(model, adapter_name)
     peft_cfg, sidecar = _peft_config_dict(model, cfg, adapter_name)
     os.makedirs(directory, exist_ok=True)
@@ -472,6 +498,7 @@ def _config_from_peft(peft_cfg: dict, sidecar: dict, modules: list[str]) -> Lora
             use_rslora=bool(peft_cfg.get("use_rslora", False)), use_dora=bool(peft_cfg.get("use_dora", False)),
             bias=peft_cfg.get("bias", "none"), rank_pattern=dict(peft_cfg.get("rank_pattern") or {}),
             alpha_pattern=dict(peft_cfg.get("alpha_pattern") or {}),
+            init="pissa" if peft_cfg.get("init_lora_weights") == "pissa" else "kaiming",
         )
     except (TypeError, ValueError) as exc:
         raise ValueError(f"adapter_config.json has invalid settings: {exc}") from exc
@@ -515,6 +542,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     if missing:
         raise ValueError(f"the adapter has weights for modules the model lacks: {missing}")
     params = dict(model.named_parameters())
+    # PEFT's key for an adapted layer's bias is <module>.base_layer.bias; before we wrap the module
+    # that parameter is still <module>.bias (the same tensor afterwards).
+    resolved = {}
+    for key, value in biases.items():
+        alt = key[: -len(".base_layer.bias")] + ".bias" if key.endswith(".base_layer.bias") else None
+        resolved[key if key in params else (alt if alt in params else key)] = value
+    biases = resolved
     bad_bias = sorted(b for b in biases if b not in params)
     if bad_bias:
         raise ValueError(f"the adapter has biases for parameters the model lacks: {bad_bias}")
@@ -541,6 +575,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             raise ValueError(f"module {name!r}: adapter_config.json says rank {total_rank}, so lora_A must be "
                              f"{(total_rank, n_in)} and lora_B {(n_out, total_rank)}; the file has "
                              f"{tuple(a.shape)} and {tuple(b.shape)}")
+        if embedding and ".lora_magnitude_vector" in parts:
+            raise ValueError(f"module {name!r} is an Embedding with a DoRA magnitude: lora_kernels supports plain "
+                             "LoRA on embeddings only")
         if config.use_dora and not embedding and ".lora_magnitude_vector" not in parts:
             raise ValueError(f"module {name!r}: use_dora is set but lora_magnitude_vector is missing")
         if ".lora_magnitude_vector" in parts and parts[".lora_magnitude_vector"].shape != (n_out,):
@@ -552,7 +589,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}")
 
     # Everything checked: build the adapters. Any failure from here on restores the model.
+    previous = _active_name(model)
     replaced, added = [], []
+    pissa_weights = {}  # PiSSA rewrites the frozen weight (the residual): keep it to restore on failure
+    if config.init == "pissa":
+        pissa_weights = {name: _base_of(modules[name]).weight.detach().clone() for name in plan}
     try:
         for name, (a, b, mag, mask, rank) in plan.items():
             module = modules[name]
@@ -561,18 +602,19 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
                 slices = sum(mask)
                 alpha = alpha / (math.sqrt(slices) if config.use_rslora else slices)
             kw = dict(rank=rank, alpha=alpha, dropout=config.dropout, use_rslora=config.use_rslora,
-                      use_dora=mag is not None, enable_lora=mask)
+                      use_dora=mag is not None, enable_lora=mask,
+                      init=config.init if not isinstance(_base_of(module), nn.Embedding) else "kaiming")
             if isinstance(module, LORA_LAYERS):
                 module.add_adapter(adapter_name, **kw)
                 layer = module
                 added.append(layer)
             elif isinstance(module, nn.Embedding):
                 layer = LoRAEmbedding(module, rank, alpha, use_rslora=config.use_rslora, backend=backend,
-                                      adapter_name=adapter_name)
+                                      adapter_name=adapter_name).train(module.training)
                 _set_module(model, name, layer)
                 replaced.append((name, module))
             else:
-                layer = LoRALinear(module, adapter_name=adapter_name, backend=backend, **kw)
+                layer = LoRALinear(module, adapter_name=adapter_name, backend=backend, **kw).train(module.training)
                 _set_module(model, name, layer)
                 replaced.append((name, module))
             _copy_adapter(layer.adapters[adapter_name], a, b, mag, name)
@@ -591,11 +633,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
                 del layer.adapters[adapter_name]
         for name, original in replaced:
             _set_module(model, name, original)
+        with torch.no_grad():
+            for name, weight in pissa_weights.items():
+                _base_of(modules[name]).weight.copy_(weight)
         raise
     configs = dict(getattr(model, "lora_configs", {}) or {})
     configs[adapter_name] = config
     model.lora_configs = configs
-    mark_only_lora_as_trainable(model, bias=config.bias)
+    _finish_adding(model, previous, adapter_name)
     return sorted(plan)
 
 

@@ -117,3 +117,10 @@ def test_saves_no_activation_sized_tensor_besides_x(p):
         assert len(naive_x_like) >= 1, "the naive path keeps the masked copy of x for dA"
         assert activation_bytes(naive) >= 4 * m * k + activation_bytes(ours), (
             f"naive saves {activation_bytes(naive)} B, ours {activation_bytes(ours)} B")
+
+
+def test_zero_in_features_is_valid():
+    x, w = torch.randn(3, 0), torch.randn(6, 0)
+    a, b, bias = torch.randn(2, 0), torch.randn(6, 2), torch.randn(6)
+    y = lora_linear(x, w, a, b, 1.0, bias, backend="torch")
+    torch.testing.assert_close(y, bias.expand(3, 6))

@@ -217,3 +217,77 @@ def test_merging_a_tied_embedding_is_refused():
             fn(model)
     assert torch.equal(model.transformer.wte.base_layer.weight, w)
     assert not any(m.merged for m in lk.model.lora_layers(model).values())
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def test_new_layers_keep_the_models_train_or_eval_mode(tmp_path):
+    model = _mlp().eval()
+    lk.inject(model, lk.LoraConfig(rank=2, target_modules=["0", "2"], dropout=0.5))
+    assert not model[0].training and not model[2].training
+    x = torch.randn(5, 8)
+    randomize_adapters(model)
+    assert torch.equal(model(x), model(x)), "dropout must be off in eval mode"
+    lk.save_adapter(model, tmp_path)
+    fresh = _mlp().eval()
+    lk.load_adapter(fresh, tmp_path)
+    assert not fresh[0].training
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_one_adapter_active_per_model_and_merge_skips_layers_without_one():
+    model = _mlp()
+    lk.inject(model, lk.LoraConfig(rank=2, target_modules=["0"]), adapter_name="a")
+    lk.inject(model, lk.LoraConfig(rank=2, target_modules=["2"]), adapter_name="b")
+    assert model[0].active_adapter == "a" and model[2].active_adapter is None  # "a" stays the model's adapter
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"0.adapters.a.lora_A", "0.adapters.a.lora_B"}
+    lk.set_adapter(model, "b")
+    assert model[0].active_adapter is None and model[2].active_adapter == "b"
+    randomize_adapters(model)
+    x = torch.randn(4, 8)
+    before = model(x)
+    lk.merge(model)
+    assert not model[0].merged and model[2].merged
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    lk.unmerge(model)
+    lk.safe_merge(model)
+    lk.merge_and_unload(model)
+    assert not lk.model.lora_layers(model)
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_pissa_adapter_reloads_exactly_and_pissa_niter_is_refused_at_save(tmp_path):
+    model = _mlp()
+    base = copy.deepcopy(model)
+    lk.inject(model, lk.LoraConfig(rank=2, target_modules=["0", "2"], init="pissa"), adapter_name="foo")
+    with torch.no_grad():  # train a little: A and B move away from the SVD
+        for layer in lk.model.lora_layers(model).values():
+            layer.lora_B.add_(0.05)
+    x = torch.randn(5, 8)
+    lk.save_adapter(model, tmp_path, "foo")
+    lk.load_adapter(base, tmp_path, "foo")
+    torch.testing.assert_close(base(x), model(x), rtol=1e-5, atol=1e-5)
+    other = _mlp()
+    lk.inject(other, lk.LoraConfig(rank=2, target_modules=["0"], init="pissa_niter_2"))
+    with pytest.raises(ValueError, match="randomized SVD"):
+        lk.save_adapter(other, tmp_path / "niter")
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_trained_biases_round_trip(bias, tmp_path):
+    model = _mlp()
+    lk.inject(model, lk.LoraConfig(rank=2, target_modules=["0"], bias=bias))
+    with torch.no_grad():
+        model[0].base_layer.bias.add_(1.0)
+        model[2].bias.add_(1.0)
+    lk.save_adapter(model, tmp_path)
+    fresh = _mlp()
+    lk.load_adapter(fresh, tmp_path)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(fresh[0](x), model[0](x), rtol=0, atol=0)  # the adapted layer's bias: both modes
+    if bias == "all":  # every bias trains, so every bias is saved
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)

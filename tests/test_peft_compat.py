@@ -204,3 +204,29 @@ def test_loading_twice_under_one_name_is_refused(tmp_path):
     assert lk.list_adapters(model) == ["default", "second"]
     for k, v in state.items():
         assert torch.equal(model.state_dict()[k], v)
+
+
+def test_peft_adapter_with_trained_biases_loads(tmp_path):
+    base = tiny_gpt2()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False, bias="lora_only")
+    peft_model = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if name.endswith("c_attn.base_layer.bias"):
+                p.add_(0.5)
+    ids = tokens()
+    expected = logits(peft_model, ids)
+    peft_model.save_pretrained(str(tmp_path))
+    ours = copy.deepcopy(base)
+    lk.load_adapter(ours, tmp_path)
+    torch.testing.assert_close(logits(ours, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_on_an_embedding_is_refused_clearly(tmp_path):
+    base = tiny_llama()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], use_dora=True)
+    peft.get_peft_model(copy.deepcopy(base), cfg).save_pretrained(str(tmp_path))
+    snapshot = copy.deepcopy(base.state_dict())
+    with pytest.raises(ValueError, match="embed_tokens.*Embedding with a DoRA magnitude"):
+        lk.load_adapter(base, tmp_path)
+    _assert_untouched(base, snapshot)
