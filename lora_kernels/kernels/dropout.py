@@ -1,18 +1,46 @@
 """In-register dropout for the Triton kernels: the twin of :mod:`lora_kernels.dropout`.
 
-Element (m, k) of the logical M×K input is kept iff ``tl.rand(seed, m·K + k) >= p``; its
-multiplier is then 1/(1-p), else 0. ``lora_kernels.dropout.philox_uniform`` reproduces ``tl.rand``
-bit for bit, so the kernels and the PyTorch paths agree on every mask bit.
+One Philox-4x32-10 call per 8 consecutive elements of a row (counter m·KG + k//8, KG = ceil(K/8)),
+16-bit samples, kept iff sample >= t (the definition, its effective p and keep-scale are in
+:mod:`lora_kernels.dropout`). The kernels only need the keep *bits*: they select x (or the
+LoRA term) with ``tl.where`` and fold the keep-scale 1/(1 − p_eff) into a scalar applied once.
+
+The seed arrives as two int32 kernel arguments (its low and high 32-bit words, bit patterns),
+which the kernels list in ``do_not_specialize``: a new seed never recompiles a kernel.
 """
 import triton
 import triton.language as tl
+from triton.language.random import philox_impl
 
 
 @triton.jit
-def dropout_multiplier(seed, flat_index, dropout_p, keep_scale):
-    """Z at ``flat_index`` (int64 block): ``keep_scale`` (= 1/(1-p)) where kept, 0.0 where dropped."""
-    u = tl.rand(seed, flat_index)  # float32, bit-identical to lora_kernels.dropout.philox_uniform
-    return tl.where(u >= dropout_p, keep_scale, 0.0)  # p and 1/(1-p) arrive as fp32 scalars
+def philox_words(seed_lo, seed_hi, counter):
+    """The four uint32 Philox-4x32-10 words at int64 ``counter`` (a block), key (seed_lo, seed_hi)."""
+    c0 = counter.to(tl.uint32)  # truncates: low 32 bits
+    c1 = (counter >> 32).to(tl.uint32)
+    zero = c0 * 0
+    k0 = seed_lo.to(tl.uint32, bitcast=True)
+    k1 = seed_hi.to(tl.uint32, bitcast=True)
+    return philox_impl(c0, c1, zero, zero, k0, k1)
+
+
+@triton.jit
+def keep_tile(seed_lo, seed_hi, threshold, offs_m, k_start, k_groups,
+              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Keep bits (int1, BLOCK_M×BLOCK_K) of rows ``offs_m`` (int64) and columns k_start + [0, BLOCK_K).
+
+    ``k_start`` must be a multiple of 8 and BLOCK_K a multiple of 16; ``k_groups`` = ceil(K/8);
+    ``threshold`` = t (int32 in [0, 65535]).
+    """
+    g = k_start // 8 + tl.arange(0, BLOCK_K // 8)
+    counter = offs_m[:, None] * k_groups + g[None, :]
+    r0, r1, r2, r3 = philox_words(seed_lo, seed_hi, counter)
+    # words[..., i, a] = r_(2i+a): element 8g + 2j + half takes half `half` of word j = 2i + a
+    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+    # half >= t  <=>  (half << 16) >= (t << 16) as uint32: no mask or shift for the high half
+    t = threshold.to(tl.uint32) << 16
+    keep = tl.join((words << 16) >= t, words >= t)  # [..., i, a, half]
+    return tl.reshape(keep, (BLOCK_M, BLOCK_K))
 
 
 @triton.jit
