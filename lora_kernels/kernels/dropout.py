@@ -3,7 +3,7 @@
 One Philox-4x32-10 call per 8 consecutive elements of a row (counter m·KG + k//8, KG = ceil(K/8)),
 16-bit samples, kept iff sample >= t (the definition, its effective p and keep-scale are in
 :mod:`lora_kernels.dropout`). The kernels only need the keep *bits*: they select x (or the
-LoRA term) with ``tl.where`` and fold the keep-scale 1/(1 − p_eff) into a scalar applied once.
+LoRA term) by a product with the 0/1 bits (NaN-propagating) and fold the keep-scale 1/(1 − p_eff) into a scalar applied once.
 
 The seed arrives as two int32 kernel arguments (its low and high 32-bit words, bit patterns),
 which the kernels list in ``do_not_specialize``: a new seed never recompiles a kernel.
@@ -41,6 +41,16 @@ def keep_tile(seed_lo, seed_hi, threshold, offs_m, k_start, k_groups,
     t = threshold.to(tl.uint32) << 16
     keep = tl.join((words << 16) >= t, words >= t)  # [..., i, a, half]
     return tl.reshape(keep, (BLOCK_M, BLOCK_K))
+
+
+@triton.jit
+def apply_keep(x, keep, DOT_FP32: tl.constexpr):
+    """x ⊙ keep as a product, like ``nn.Dropout``: a NaN or inf in a dropped position gives NaN.
+
+    Under the interpreter (DOT_FP32) x is upcast first: its bf16 arithmetic is not IEEE."""
+    if DOT_FP32:
+        x = x.to(tl.float32)
+    return x * keep.to(x.dtype)
 
 
 @triton.jit

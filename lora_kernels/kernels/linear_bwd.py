@@ -14,7 +14,7 @@ Two kinds of programs share the launch (no partial sums, no finishing kernel, no
   GPU covers all M blocks of a few K panels and W is streamed from HBM about once
   (docs/architecture.md has the traffic model). BASE_GEMM: the tile walks N and computes g·W
   itself (the fused path); otherwise it reads cuBLAS's g·W from dx (the hybrid path). The epilogue
-  regenerates the keep bits of the tile and adds s·keep_scale·where(keep, v·A, 0).
+  regenerates the keep bits of the tile and adds (v·A)·where(keep, s·keep_scale, 0) (a product, NaN-propagating like the reference).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ..dropout import dropout_threshold, keep_scale, seed_halves
 from . import configs
-from .dropout import keep_tile, mma
+from .dropout import apply_keep, keep_tile, mma
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
@@ -63,7 +63,7 @@ def _lora_linear_bwd_kernel(
             if HAS_DROPOUT:
                 keep = keep_tile(seed_lo, seed_hi, threshold, offs_m, pid.to(tl.int64) * BLOCK_K, k_groups,
                                  BLOCK_M, BLOCK_K)
-                x = tl.where(keep, x, 0.0)
+                x = apply_keep(x, keep, DOT_FP32)
             v = tl.load(v_ptr + offs_m[:, None] * stride_vm + offs_r[None, :] * stride_vr,
                         mask=m_in[:, None] & r_in[None, :], other=0.0)
             da_t = mma(tl.trans(x), v, da_t, DOT_FP32, INPUT_PRECISION)
@@ -116,9 +116,9 @@ def _lora_linear_bwd_kernel(
             va = mma(v, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
             if DORA_DROPOUT:
                 # g·W + Z ⊙ (gc·W − g·W + s·v·A), Z = keep_mult where kept
-                acc = acc_plain + tl.where(keep, (acc - acc_plain) * keep_mult + va * lora_scale, 0.0)
+                acc = acc_plain + ((acc - acc_plain) * keep_mult + va * lora_scale) * keep.to(tl.float32)
             else:
-                acc = acc + tl.where(keep, va * lora_scale, 0.0)
+                acc = acc + va * tl.where(keep, lora_scale, 0.0)  # a product: NaN in v·A propagates
         else:
             # no mask: fold s·v·A into the accumulator (v pre-scaled by s in fp32, rounded to its dtype)
             v_s = (v.to(tl.float32) * lora_scale).to(v_ptr.dtype.element_ty)

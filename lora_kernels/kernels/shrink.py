@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ..dropout import GROUP, dropout_threshold, keep_scale, seed_halves
 from . import configs
-from .dropout import keep_tile, mma
+from .dropout import apply_keep, keep_tile, mma
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def _shrink_rows(
                     mask=p_in[:, None] & q_in[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = keep_tile(seed_lo, seed_hi, threshold, offs_p, q0, k_groups, BLOCK_P, BLOCK_Q)
-            a = tl.where(keep, a, 0.0)
+            a = apply_keep(a, keep, DOT_FP32)
             if STORE_DROPPED:
                 tl.store(dropped_ptr + offs_p[:, None] * stride_dp + offs_q[None, :] * stride_dq,
                          (a.to(tl.float32) * dropped_scale).to(dropped_ptr.dtype.element_ty), mask=p_in[:, None] & q_in[None, :])
