@@ -4,24 +4,26 @@ The mask of an input ``x`` viewed as M×K (M rows of K features, whatever x's st
 here once; the Triton kernels (:mod:`lora_kernels.kernels.dropout`) and the plain-PyTorch/numpy
 twins below compute the same bits.
 
-Definition (8 elements per Philox call, 16-bit thresholds)
+Definition (16 elements per Philox call, 8-bit thresholds)
 -----------------------------------------------------------
-- Group width ``G = 8``; ``KG = ceil(K / G)`` groups per row.
+- Group width ``G = 16``; ``KG = ceil(K / G)`` groups per row.
 - Element (m, k) belongs to Philox counter ``c = m·KG + k // G`` (int64; a row's last group is
   partly unused when G does not divide K, so masks never depend on anything but (m, k) and K).
 - One Philox-4x32-10 call at counter c — counter words (lo32(c), hi32(c), 0, 0), key words
   (lo32(seed), hi32(seed)), 10 rounds, the constants of Salmon et al. (SC'11) that
   ``triton.language.random`` uses — gives four 32-bit words r0..r3.
-- With ``e = k % G``: word ``j = e // 2``, half ``e % 2``; the 16-bit sample is
-  ``h = (r_j >> (16·(e % 2))) & 0xFFFF`` (even k: low half, odd k: high half).
-- Threshold ``t = min(round(p·65536), 65535)`` (Python's round, half to even); the element is
-  kept iff ``h >= t``. So the effective probability is ``p_eff = t / 65536`` (|p − p_eff| ≤ 2⁻¹⁷;
-  p = 0.1 gives t = 6554, p_eff = 0.10000610...) and kept elements are scaled by
-  ``1 / (1 − p_eff)`` — :func:`keep_scale` — on every path (kernels, torch backend, reference).
+- With ``e = k % G``: word ``j = e // 4``, byte ``e % 4``; the 8-bit sample is
+  ``h = (r_j >> (8·(e % 4))) & 0xFF``.
+- Threshold ``t = min(round(p·256), 255)`` (Python's round, half to even); the element is kept
+  iff ``h >= t``. So the effective probability is ``p_eff = t / 256`` (|p − p_eff| ≤ 2⁻⁹;
+  p = 0.1 gives t = 26, p_eff = 0.1015625) and kept elements are scaled by ``1 / (1 − p_eff)``
+  — :func:`keep_scale` — on every path (kernels, torch backend, reference).
 
 Why: a whole Philox per element (``tl.rand``) costs ~65 SASS instructions per element on sm_90a
-and made the shrink compute-bound; one call per 8 elements costs ~8 (docs/architecture.md).
-This supersedes DESIGN.md's earlier "tl.rand per element" mask.
+and made the shrink compute-bound; one call per 16 elements costs ~9 in all (compile-only
+measurement, docs/architecture.md), within issue 13's bound of 12, which 16-bit samples (8 per
+call, ~12.3) missed. FlashAttention's kernels also use 8-bit dropout thresholds. This supersedes
+DESIGN.md's earlier "tl.rand per element" mask.
 
 Because the generator is counter based, forward and backward regenerate the same mask from the
 seed, so neither the mask nor the masked copy of x is ever stored. Seeds are integers in
@@ -33,8 +35,8 @@ import numpy as np
 import torch
 
 SEED_MAX = 2**63 - 1
-GROUP = 8  # elements per Philox call (4 words × 2 halves of 16 bits)
-THRESHOLD_BITS = 16
+GROUP = 16  # elements per Philox call (4 words × 4 bytes)
+THRESHOLD_BITS = 8
 
 # Philox-4x32 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11),
 # the same numbers Triton uses in ``triton.language.random``.
@@ -57,14 +59,14 @@ def _check_p(p: float) -> None:
 
 
 def dropout_threshold(p: float) -> int:
-    """The 16-bit threshold t = min(round(p·65536), 65535): an element is kept iff its sample >= t."""
+    """The 8-bit threshold t = min(round(p·256), 255): an element is kept iff its sample >= t."""
     _check_p(p)
-    return min(round(p * 65536), 65535)
+    return min(round(p * 256), 255)
 
 
 def effective_p(p: float) -> float:
-    """p_eff = t/65536, the probability the mask really drops with (t = :func:`dropout_threshold`)."""
-    return dropout_threshold(p) / 65536.0
+    """p_eff = t/256, the probability the mask really drops with (t = :func:`dropout_threshold`)."""
+    return dropout_threshold(p) / 256.0
 
 
 def keep_scale(p: float) -> float:
@@ -151,7 +153,7 @@ def philox4x32(seed: int, counters: torch.Tensor) -> torch.Tensor:
 
 
 def mask_samples(seed: int, rows: int, cols: int, device=None) -> torch.Tensor:
-    """The 16-bit samples h (int32, rows×cols) of the definition above."""
+    """The 8-bit samples h (int32, rows×cols) of the definition above."""
     _check_seed(seed)
     kg = -(-cols // GROUP)
     if rows * kg == 0:
@@ -159,12 +161,11 @@ def mask_samples(seed: int, rows: int, cols: int, device=None) -> torch.Tensor:
     counters = torch.arange(rows * kg, dtype=torch.int64, device=device)
     if counters.device.type == "cpu":
         words = np.stack(_philox_numpy(seed, counters.numpy()), axis=-1)  # (rows·kg, 4) uint32
-        halves = np.stack([words & np.uint32(0xFFFF), words >> np.uint32(16)], axis=-1)  # (.., 4, 2)
-        h = torch.from_numpy(halves.reshape(rows, kg * GROUP)[:, :cols].astype(np.int32))
-        return h
+        samples = np.stack([(words >> np.uint32(8 * b)) & np.uint32(0xFF) for b in range(4)], axis=-1)  # (.., 4, 4)
+        return torch.from_numpy(samples.reshape(rows, kg * GROUP)[:, :cols].astype(np.int32))
     words = torch.stack(_philox_torch(seed, counters), dim=-1)  # (rows·kg, 4) int64
-    halves = torch.stack([words & 0xFFFF, words >> 16], dim=-1)
-    return halves.reshape(rows, kg * GROUP)[:, :cols].to(torch.int32)
+    samples = torch.stack([(words >> (8 * b)) & 0xFF for b in range(4)], dim=-1)
+    return samples.reshape(rows, kg * GROUP)[:, :cols].to(torch.int32)
 
 
 def keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """In-register dropout for the Triton kernels: the twin of :mod:`lora_kernels.dropout`.
 
-One Philox-4x32-10 call per 8 consecutive elements of a row (counter m·KG + k//8, KG = ceil(K/8)),
-16-bit samples, kept iff sample >= t (the definition, its effective p and keep-scale are in
+One Philox-4x32-10 call per 16 consecutive elements of a row (counter m·KG + k//16,
+KG = ceil(K/16)), 8-bit samples, kept iff sample >= t (the definition, its effective p and keep-scale are in
 :mod:`lora_kernels.dropout`). The kernels only need the keep *bits*: they select x (or the
 LoRA term) by a product with the 0/1 bits (NaN-propagating) and fold the keep-scale 1/(1 − p_eff) into a scalar applied once.
 
@@ -29,17 +29,18 @@ def keep_tile(seed_lo, seed_hi, threshold, offs_m, k_start, k_groups,
               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Keep bits (int1, BLOCK_M×BLOCK_K) of rows ``offs_m`` (int64) and columns k_start + [0, BLOCK_K).
 
-    ``k_start`` must be a multiple of 8 and BLOCK_K a multiple of 16; ``k_groups`` = ceil(K/8);
-    ``threshold`` = t (int32 in [0, 65535]).
+    ``k_start`` and BLOCK_K must be multiples of 16; ``k_groups`` = ceil(K/16); ``threshold`` = t
+    (int32 in [0, 255]).
     """
-    g = k_start // 8 + tl.arange(0, BLOCK_K // 8)
+    g = k_start // 16 + tl.arange(0, BLOCK_K // 16)
     counter = offs_m[:, None] * k_groups + g[None, :]
     r0, r1, r2, r3 = philox_words(seed_lo, seed_hi, counter)
-    # words[..., i, a] = r_(2i+a): element 8g + 2j + half takes half `half` of word j = 2i + a
+    # words[..., i, a] = r_(2i+a)
     words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
-    # half >= t  <=>  (half << 16) >= (t << 16) as uint32: no mask or shift for the high half
-    t = threshold.to(tl.uint32) << 16
-    keep = tl.join((words << 16) >= t, words >= t)  # [..., i, a, half]
+    # byte b of a word >= t  <=>  (word << (24 - 8b)) >= (t << 24) as uint32
+    t = threshold.to(tl.uint32) << 24
+    # keep[..., i, a, bi, ba]: byte 2·bi + ba of word 2i + a, i.e. element 16g + 4j + b
+    keep = tl.join(tl.join((words << 24) >= t, (words << 8) >= t), tl.join((words << 16) >= t, words >= t))
     return tl.reshape(keep, (BLOCK_M, BLOCK_K))
 
 

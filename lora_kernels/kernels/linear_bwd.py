@@ -33,7 +33,7 @@ def _lora_linear_bwd_kernel(
     M, N, K, R,
     stride_gm, stride_gn, stride_wn, stride_wk, stride_vm, stride_vr, stride_ar, stride_ak,
     stride_xm, stride_xk, stride_auxm, stride_auxk, stride_dxm, stride_dxk, stride_dar, stride_dak,
-    seed_lo, seed_hi, threshold, keep_mult, lora_scale,
+    seed_lo, seed_hi, threshold, keep_mult, da_scale, scale,
     KEY_TOKENS,  # autotune key only (tokens bucketed to a power of two)
     BASE_GEMM: tl.constexpr, COMPUTE_DX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DORA: tl.constexpr, DORA_DROPOUT: tl.constexpr,
@@ -42,12 +42,12 @@ def _lora_linear_bwd_kernel(
 ):
     """g: M×N, w: N×K, v: M×R, a: R×K, x: M×K, c: N (fp32, DoRA), dx: M×K, da: R×K.
 
-    keep_mult = keep_scale (1/(1 − p_eff)), lora_scale = s·keep_scale (s without dropout). When not BASE_GEMM,
+    keep_mult = keep_scale (1/(1 − p_eff)), da_scale = s·keep_scale (s without dropout), scale = s. When not BASE_GEMM,
     dx holds cuBLAS's g·W (DoRA: gc·W) on entry and, for DoRA with dropout, aux (M×K) holds g·W.
     """
     pid = tl.program_id(0)
     k_blocks = tl.cdiv(K, BLOCK_K)
-    k_groups = tl.cdiv(K, 8)
+    k_groups = tl.cdiv(K, 16)  # dropout groups per row (lora_kernels/dropout.py: G = 16)
     offs_r = tl.arange(0, BLOCK_R)
     r_in = offs_r < R
     if pid < k_blocks:
@@ -67,7 +67,7 @@ def _lora_linear_bwd_kernel(
             v = tl.load(v_ptr + offs_m[:, None] * stride_vm + offs_r[None, :] * stride_vr,
                         mask=m_in[:, None] & r_in[None, :], other=0.0)
             da_t = mma(tl.trans(x), v, da_t, DOT_FP32, INPUT_PRECISION)
-        da_t = da_t * lora_scale
+        da_t = da_t * da_scale
         tl.store(da_ptr + offs_r[None, :] * stride_dar + offs_k[:, None] * stride_dak,
                  da_t.to(da_ptr.dtype.element_ty), mask=k_in[:, None] & r_in[None, :])
     elif COMPUTE_DX:
@@ -86,9 +86,10 @@ def _lora_linear_bwd_kernel(
                     mask=m_in[:, None] & r_in[None, :], other=0.0)
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=r_in[:, None] & k_in[None, :], other=0.0)
-        acc_plain = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # g·W (DoRA with dropout only)
+        # acc: g·W (DoRA: gc·W; DoRA with dropout: (g ⊙ (c − 1))·W, beside acc_plain = g·W)
+        acc_plain = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         if BASE_GEMM:
-            acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # g·W (DoRA: gc·W)
+            acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
             for n0 in range(0, N, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
                 n_in = offs_n < N
@@ -98,10 +99,12 @@ def _lora_linear_bwd_kernel(
                             mask=n_in[:, None] & k_in[None, :], other=0.0)
                 if DORA:
                     c = tl.load(c_ptr + offs_n, mask=n_in, other=0.0)
-                    gc = (g * c[None, :]).to(g_ptr.dtype.element_ty)
-                    acc = mma(gc, w, acc, DOT_FP32, INPUT_PRECISION)
                     if DORA_DROPOUT:
+                        gc = (g * (c[None, :] - 1.0)).to(g_ptr.dtype.element_ty)
                         acc_plain = mma(g, w, acc_plain, DOT_FP32, INPUT_PRECISION)
+                    else:
+                        gc = (g * c[None, :]).to(g_ptr.dtype.element_ty)
+                    acc = mma(gc, w, acc, DOT_FP32, INPUT_PRECISION)
                 else:
                     acc = mma(g, w, acc, DOT_FP32, INPUT_PRECISION)
         else:
@@ -109,20 +112,22 @@ def _lora_linear_bwd_kernel(
             if DORA_DROPOUT:
                 acc_plain = tl.load(aux_ptr + offs_m[:, None] * stride_auxm + offs_k[None, :] * stride_auxk,
                                     mask=tile_in, other=0.0).to(tl.float32)
-        if HAS_DROPOUT:
+                acc = acc - acc_plain  # gc·W − g·W = (g ⊙ (c − 1))·W
+        # s·v·A (v pre-scaled by s in fp32 and rounded to its dtype, as in the forward)
+        v_s = (v.to(tl.float32) * scale).to(v_ptr.dtype.element_ty)
+        if DORA_DROPOUT:
+            # g·W + Z ⊙ ((g ⊙ (c − 1))·W + s·v·A): the rank term folded into acc (two tiles live)
+            acc = mma(v_s, a, acc, DOT_FP32, INPUT_PRECISION)
             keep = keep_tile(seed_lo, seed_hi, threshold, offs_m, pid_k.to(tl.int64) * BLOCK_K, k_groups,
                              BLOCK_M, BLOCK_K)
-            # lora_scale = s·keep_scale: Z ⊙ (s·v·A) = where(keep, lora_scale·v·A, 0)
-            va = mma(v, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
-            if DORA_DROPOUT:
-                # g·W + Z ⊙ (gc·W − g·W + s·v·A), Z = keep_mult where kept
-                acc = acc_plain + ((acc - acc_plain) * keep_mult + va * lora_scale) * keep.to(tl.float32)
-            else:
-                acc = acc + va * tl.where(keep, lora_scale, 0.0)  # a product: NaN in v·A propagates
+            acc = acc_plain + acc * tl.where(keep, keep_mult, 0.0)  # a product: NaN propagates
+        elif HAS_DROPOUT:
+            keep = keep_tile(seed_lo, seed_hi, threshold, offs_m, pid_k.to(tl.int64) * BLOCK_K, k_groups,
+                             BLOCK_M, BLOCK_K)
+            va = mma(v_s, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
+            acc = acc + va * tl.where(keep, keep_mult, 0.0)  # a product: NaN in v·A propagates
         else:
-            # no mask: fold s·v·A into the accumulator (v pre-scaled by s in fp32, rounded to its dtype)
-            v_s = (v.to(tl.float32) * lora_scale).to(v_ptr.dtype.element_ty)
-            acc = mma(v_s, a, acc, DOT_FP32, INPUT_PRECISION)
+            acc = mma(v_s, a, acc, DOT_FP32, INPUT_PRECISION)  # no mask: folded into the accumulator
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=tile_in)
 
 
@@ -171,7 +176,7 @@ def lora_linear_bwd(grad_y, weight, v, lora_a, x, scale: float, seed: int, dropo
         v.stride(0), v.stride(1), lora_a.stride(0), lora_a.stride(1),
         x.stride(0), x.stride(1), aux_arg.stride(0), aux_arg.stride(1), dx_arg.stride(0), dx_arg.stride(1),
         grad_a.stride(0), grad_a.stride(1),
-        seed_lo, seed_hi, dropout_threshold(dropout_p), ks, float(scale) * ks,
+        seed_lo, seed_hi, dropout_threshold(dropout_p), ks, float(scale) * ks, float(scale),
         configs.m_bucket(M),
     )
     flags = dict(

@@ -3,7 +3,8 @@
     LoRA:            y = x·Wᵀ + b + s·u·Bᵀ                      (u = (x ⊙ Z)·Aᵀ from :mod:`.shrink`)
     DoRA:            P = x·Wᵀ (no dropout) or xd·Wᵀ (dropout, xd = x ⊙ Z),  h = P + s·u·Bᵀ,
                      y = (x·Wᵀ + b) + ((c − 1) ⊙ P + c ⊙ s·u·Bᵀ)      (PEFT's formula; at init,
-                     c == 1 and B == 0, y equals the base output bit for bit)
+                     c == 1 and B == 0, y equals the base output bit for bit), evaluated as
+                     y = (x·Wᵀ + b + s·u·Bᵀ) + (c − 1) ⊙ h
 
 BASE_GEMM=True is the fused path: the kernel computes x·Wᵀ (and xd·Wᵀ, sharing each W tile)
 itself and writes y (and h) once. BASE_GEMM=False is the hybrid path: cuBLAS already wrote x·Wᵀ + b
@@ -83,16 +84,19 @@ def _lora_linear_fwd_kernel(
                   mask=r_in[:, None] & n_in[None, :], other=0.0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+    # The expand is folded into the accumulators: one dot with acc (u pre-scaled by s in fp32 and
+    # rounded to u's dtype: one extra rounding of s·u, like storing u itself in that dtype).
+    u_s = (u.to(tl.float32) * scale).to(u_ptr.dtype.element_ty)
     if DORA:
         # PEFT's form, exact at init: y = base + ((c − 1)·P + c·s·u·Bᵀ) with base = x·Wᵀ + b and
-        # P = xd·Wᵀ (dropout) or x·Wᵀ; c == 1 and B == 0 give y == base bit for bit.
-        lora = mma(u, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, INPUT_PRECISION) * scale
+        # P = xd·Wᵀ (dropout) or x·Wᵀ, evaluated as y = (base + s·u·Bᵀ) + (c − 1)·h with
+        # h = P + s·u·Bᵀ: two fp32 tiles live, and c == 1, B == 0 give y == base bit for bit.
         c = tl.load(c_ptr + offs_n, mask=n_in, other=0.0)[None, :]
         if BASE_GEMM:
+            plain = acc
             base = acc
             if HAS_BIAS:
                 base += bias
-            plain = acc
         else:
             base = acc  # cuBLAS's x·Wᵀ + b; HAS_BIAS: subtract b to get x·Wᵀ
             plain = acc
@@ -100,13 +104,10 @@ def _lora_linear_fwd_kernel(
                 plain = acc - bias
         if DORA_DROPOUT:
             plain = acc_dropped
-        h = plain + lora
-        out = base + ((c - 1.0) * plain + c * lora)
+        h = mma(u_s, b_t, plain, DOT_FP32, INPUT_PRECISION)
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=tile_in)
+        out = mma(u_s, b_t, base, DOT_FP32, INPUT_PRECISION) + (c - 1.0) * h
     else:
-        # Expand folded into the accumulator: one dot with acc (u pre-scaled by s in fp32 and
-        # rounded to u's dtype: one extra rounding of s·u, like storing u itself in that dtype).
-        u_s = (u.to(tl.float32) * scale).to(u_ptr.dtype.element_ty)
         out = mma(u_s, b_t, acc, DOT_FP32, INPUT_PRECISION)
         if HAS_BIAS:
             out += bias

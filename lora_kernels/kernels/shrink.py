@@ -75,7 +75,7 @@ def _lora_shrink_kernel(
     """inp: P×Q, mat: Q×R, out: P×R; with SECOND, also inp2: P2×Q2, mat2: Q2×R, out2: P2×R,
     row_scale2: P2 (fp32), computed by the programs after the cdiv(P, BLOCK_P) of product 1.
 
-    Product 1 may drop out (keep bit of element (p, q) of a P×Q input, k_groups = ceil(Q/8));
+    Product 1 may drop out (keep bit of element (p, q) of a P×Q input, k_groups = ceil(Q/16));
     with STORE_DROPPED, x ⊙ Z = where(keep, inp·dropped_scale, 0) is also written to dropped (P×Q)
     — DoRA's dropout term needs it as a GEMM operand (a transient, never saved for backward).
     """
