@@ -75,16 +75,34 @@ def test_autotune_keys_hold_no_exact_token_count():
         assert "KEY_TOKENS" in keys and not keys & {"M", "P", "Q", "P2", "Q2"}, keys
 
 
+_FLAGS = [dict(HAS_DROPOUT=False, DORA_DROPOUT=False), dict(HAS_DROPOUT=True, DORA_DROPOUT=False),
+          dict(HAS_DROPOUT=True, DORA_DROPOUT=True)]
+
+
 @pytest.mark.parametrize("kind", ["shrink", "linear_fwd", "linear_bwd"])
 @pytest.mark.parametrize("block_r", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_every_rank_and_dtype_keeps_a_fitting_config(kind, block_r, dtype):
+@pytest.mark.parametrize("flags", _FLAGS)
+def test_every_rank_and_dtype_keeps_a_fitting_config(kind, block_r, dtype, flags):
     prune = configs.prune_by_rank(kind)
     operand = torch.empty(1, dtype=dtype)
-    kept = prune(configs.autotune_configs(kind), {"first_ptr": operand}, BLOCK_R=block_r)
-    assert kept and all(configs._fits(kind, c, block_r, operand.element_size()) for c in kept)
+    kept = prune(configs.autotune_configs(kind), {"first_ptr": operand}, BLOCK_R=block_r, **flags)
+    assert kept and all(configs._fits(kind, c, block_r, operand.element_size(), flags) for c in kept)
     if block_r >= 128:
         assert all(c.num_warps == 8 for c in kept)
+
+
+def test_prune_rules_drop_the_measured_offenders():
+    """The candidates that spilled or duplicated Philox calls in the compile-only sweep are pruned."""
+    def kept(kind, flags):
+        return {(tuple(c.kwargs.values())[:3], c.num_warps) for c in configs.prune_by_rank(kind)(
+            configs.autotune_configs(kind), {"x": torch.empty(1, dtype=torch.bfloat16)}, BLOCK_R=16, **flags)}
+    dora = dict(HAS_DROPOUT=True, DORA_DROPOUT=True)
+    assert ((128, 256, 64), 8) not in kept("linear_fwd", dora) and ((128, 256, 64), 8) in kept("linear_fwd", {})
+    assert ((128, 128, 64), 4) not in kept("linear_fwd", dora)
+    assert ((128, 64, 64), 4) not in kept("linear_bwd", dora)
+    assert ((64, 32, 32), 8) not in kept("linear_bwd", dict(HAS_DROPOUT=True))
+    assert ((64, 32), 8) not in {(k[:2], w) for k, w in kept("shrink", dict(HAS_DROPOUT=True))}
 
 
 @pytest.mark.parametrize("kind", ["shrink", "linear_fwd", "linear_bwd"])
@@ -92,10 +110,11 @@ def test_fixed_gpu_config_fits_every_rank(kind, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     for block_r in (16, 64, 128, 256):
         for elem in (2, 4):
-            meta = configs.fixed_config(kind, block_r, elem)
-            cfg = triton.Config({k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")},
-                                num_warps=meta["num_warps"], num_stages=meta["num_stages"])
-            assert configs._fits(kind, cfg, block_r, elem), (kind, block_r, elem, meta)
+            for flags in _FLAGS:
+                meta = configs.fixed_config(kind, block_r, elem, flags)
+                cfg = triton.Config({k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")},
+                                    num_warps=meta["num_warps"], num_stages=meta["num_stages"])
+                assert configs._fits(kind, cfg, block_r, elem, flags), (kind, block_r, elem, flags, meta)
 
 
 def test_block_rank_pads_to_power_of_two_at_least_16():

@@ -77,10 +77,36 @@ _MAX_TILE_WITH_RANK = 64 * 256
 _MAX_FP32_TILE = 64 * 128
 
 
-def _fits(kind: str, cfg: triton.Config, block_r: int, elem_bytes: int = 2) -> bool:
+# Prune rules added from the compile-only sweep of issue 13 (every candidate compiled for sm_90a with
+# the triton 3.9 wheel, run-time specialisation: aligned pointers, unit inner strides):
+# - a Philox call covers 16 elements, so a dropout tile with fewer than 16 elements per thread makes
+#   threads compute the same calls (64×32 tiles on 8 warps: 17.8 extra SASS/element instead of ~9);
+# - DoRA with dropout keeps two fp32 output tiles (and the dx kernel's rank operands beside them):
+#   more than 64 tile elements per thread spilled (forward 128×256/8 warps, 128×128/4 warps), and so
+#   did the dx tile 128×64 on 4 warps (64 per thread): 4-warp dx tiles are held to 32 per thread.
+MIN_DROPOUT_ELEMS_PER_THREAD = 16
+MAX_DORA_DROPOUT_ELEMS_PER_THREAD = {"linear_fwd": {4: 64, 8: 64}, "linear_bwd": {4: 32, 8: 64}}
+
+
+def _per_thread(rows: int, cols: int, num_warps: int) -> float:
+    return rows * cols / (32 * num_warps)
+
+
+def _fits(kind: str, cfg: triton.Config, block_r: int, elem_bytes: int = 2, flags: dict | None = None) -> bool:
     kw = cfg.kwargs
+    flags = flags or {}
     if block_r >= 128 and cfg.num_warps < 8:
         return False
+    if kind == "shrink" and flags.get("HAS_DROPOUT") and \
+            _per_thread(kw["BLOCK_P"], kw["BLOCK_Q"], cfg.num_warps) < MIN_DROPOUT_ELEMS_PER_THREAD:
+        return False
+    if kind in ("linear_fwd", "linear_bwd"):
+        rows, cols = (kw["BLOCK_M"], kw["BLOCK_N"]) if kind == "linear_fwd" else (kw["BLOCK_M"], kw["BLOCK_K"])
+        per_thread = _per_thread(rows, cols, cfg.num_warps)
+        if kind == "linear_bwd" and flags.get("HAS_DROPOUT") and per_thread < MIN_DROPOUT_ELEMS_PER_THREAD:
+            return False
+        if flags.get("DORA_DROPOUT") and per_thread > MAX_DORA_DROPOUT_ELEMS_PER_THREAD[kind].get(cfg.num_warps, 32):
+            return False
     if kind == "shrink":
         return kw["BLOCK_P"] * block_r <= 2 * _MAX_TILE_WITH_RANK and (
             elem_bytes < 4 or kw["BLOCK_P"] * kw["BLOCK_Q"] <= _MAX_FP32_TILE)
@@ -92,7 +118,7 @@ def use_fixed_config() -> bool:
     return is_interpreter() or os.environ.get("LORA_KERNELS_AUTOTUNE", "1") == "0"
 
 
-def fixed_config(kind: str, block_r: int = 16, elem_bytes: int = 2) -> dict:
+def fixed_config(kind: str, block_r: int = 16, elem_bytes: int = 2, flags: dict | None = None) -> dict:
     """Meta-parameters (block sizes, and num_warps/num_stages on a GPU) for the fixed config.
 
     On a GPU, a config too big for the rank (or for fp32) is replaced by the largest listed one that fits.
@@ -100,8 +126,8 @@ def fixed_config(kind: str, block_r: int = 16, elem_bytes: int = 2) -> dict:
     if is_interpreter():
         return dict(INTERPRETER_CONFIG[kind])
     cfg = GPU_FIXED_CONFIG[kind]
-    if kind in _GPU_CONFIGS and not _fits(kind, cfg, block_r, elem_bytes):
-        fitting = [c for c in _GPU_CONFIGS[kind] if _fits(kind, c, block_r, elem_bytes)]
+    if kind in _GPU_CONFIGS and not _fits(kind, cfg, block_r, elem_bytes, flags):
+        fitting = [c for c in _GPU_CONFIGS[kind] if _fits(kind, c, block_r, elem_bytes, flags)]
         cfg = max(fitting, key=lambda c: sorted(c.kwargs.values())) if fitting else _GPU_CONFIGS[kind][-1]
     return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -111,13 +137,15 @@ def autotune_configs(kind: str) -> list[triton.Config]:
 
 
 def prune_by_rank(kind: str):
-    """A ``prune_configs_by`` hook dropping configs whose tiles would spill for this rank and dtype."""
+    """A ``prune_configs_by`` hook dropping configs whose tiles would spill (or waste Philox calls)
+    for this rank, dtype and path flags."""
 
     def prune(configs, named_args, **kwargs):
         block_r = named_args.get("BLOCK_R", kwargs.get("BLOCK_R", 16))
         first = next((v for v in named_args.values() if hasattr(v, "element_size")), None)
         elem_bytes = first.element_size() if first is not None else 2
-        kept = [c for c in configs if _fits(kind, c, block_r, elem_bytes)]
+        flags = {k: kwargs.get(k, named_args.get(k)) for k in ("HAS_DROPOUT", "DORA_DROPOUT")}
+        kept = [c for c in configs if _fits(kind, c, block_r, elem_bytes, flags)]
         return kept or configs[-1:]
 
     return prune

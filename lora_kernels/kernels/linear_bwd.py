@@ -185,7 +185,7 @@ def lora_linear_bwd(grad_y, weight, v, lora_a, x, scale: float, seed: int, dropo
         BLOCK_R=configs.block_rank(R),
     )
     if configs.use_fixed_config():
-        meta = configs.fixed_config("linear_bwd", flags["BLOCK_R"], x.element_size())
+        meta = configs.fixed_config("linear_bwd", flags["BLOCK_R"], x.element_size(), flags)
         grid = _grid(M, K, meta["BLOCK_M"], meta["BLOCK_K"], compute_dx)
         _lora_linear_bwd_kernel[grid](*args, **flags, **meta)
     else:

@@ -157,7 +157,7 @@ def lora_linear_fwd(x, weight, bias, u, lora_b, scale: float, y=None, dora_scale
         BLOCK_R=configs.block_rank(R),
     )
     if configs.use_fixed_config():
-        meta = configs.fixed_config("linear_fwd", flags["BLOCK_R"], x.element_size())
+        meta = configs.fixed_config("linear_fwd", flags["BLOCK_R"], x.element_size(), flags)
         grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
         _lora_linear_fwd_kernel[grid](*args, **flags, **meta)
     else:

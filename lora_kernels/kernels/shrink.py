@@ -128,7 +128,7 @@ def _launch_shrink(inp, mat, out, *, tokens, features, seed=0, dropout_p=0.0, dr
     )
     p2 = inp2.shape[0] if second is not None else 0
     if configs.use_fixed_config():
-        meta = configs.fixed_config("shrink", flags["BLOCK_R"], inp.element_size())
+        meta = configs.fixed_config("shrink", flags["BLOCK_R"], inp.element_size(), flags)
         bp = meta["BLOCK_P"]
         _lora_shrink_kernel[(triton.cdiv(P, bp) + triton.cdiv(p2, bp),)](*args, **flags, **meta)
     else:
