@@ -24,35 +24,33 @@ from .dropout import apply_keep, keep_tile, mma
 
 
 @triton.jit
-def _shrink_rows(
-    inp_ptr, mat_ptr, out_ptr, dropped_ptr, row_scale_ptr, pid_p,
-    P, Q, R,
-    stride_ip, stride_iq, stride_mq, stride_mr, stride_op, stride_or, stride_dp, stride_dq,
-    seed_lo, seed_hi, threshold, out_scale, dropped_scale, k_groups,
-    HAS_DROPOUT: tl.constexpr, STORE_DROPPED: tl.constexpr, ROW_SCALE: tl.constexpr, DOT_FP32: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+def _shrink_step(
+    acc, inp_ptr, mat_ptr, dropped_ptr, offs_p, p_in, offs_r, r_in, q0, Q,
+    stride_ip, stride_iq, stride_mq, stride_mr, stride_dp, stride_dq,
+    seed_lo, seed_hi, threshold, dropped_scale, k_groups,
+    HAS_DROPOUT: tl.constexpr, STORE_DROPPED: tl.constexpr, DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    """Rows [pid_p·BLOCK_P, +BLOCK_P) of out (P×R); see the module docstring."""
-    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_r = tl.arange(0, BLOCK_R)
-    p_in = offs_p < P
-    r_in = offs_r < R
-    acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
-    # A plain trip count (Q is an argument) and bounds by mask: no range() over a tensor bound.
-    for q0 in range(0, Q, BLOCK_Q):
-        offs_q = q0 + tl.arange(0, BLOCK_Q).to(tl.int64)
-        q_in = offs_q < Q
-        a = tl.load(inp_ptr + offs_p[:, None] * stride_ip + offs_q[None, :] * stride_iq,
-                    mask=p_in[:, None] & q_in[None, :], other=0.0)
-        if HAS_DROPOUT:
-            keep = keep_tile(seed_lo, seed_hi, threshold, offs_p, q0, k_groups, BLOCK_P, BLOCK_Q)
-            a = apply_keep(a, keep, DOT_FP32)
-            if STORE_DROPPED:
-                tl.store(dropped_ptr + offs_p[:, None] * stride_dp + offs_q[None, :] * stride_dq,
-                         (a.to(tl.float32) * dropped_scale).to(dropped_ptr.dtype.element_ty), mask=p_in[:, None] & q_in[None, :])
-        b = tl.load(mat_ptr + offs_q[:, None] * stride_mq + offs_r[None, :] * stride_mr,
-                    mask=q_in[:, None] & r_in[None, :], other=0.0)
-        acc = mma(a, b, acc, DOT_FP32, INPUT_PRECISION)
+    """acc + (keep ⊙ inp[rows, q0:q0+BLOCK_Q])·mat[q0:q0+BLOCK_Q, :] (one step of the Q loop)."""
+    offs_q = q0 + tl.arange(0, BLOCK_Q).to(tl.int64)
+    q_in = offs_q < Q
+    a = tl.load(inp_ptr + offs_p[:, None] * stride_ip + offs_q[None, :] * stride_iq,
+                mask=p_in[:, None] & q_in[None, :], other=0.0)
+    if HAS_DROPOUT:
+        keep = keep_tile(seed_lo, seed_hi, threshold, offs_p, q0, k_groups, BLOCK_P, BLOCK_Q)
+        a = apply_keep(a, keep, DOT_FP32)
+        if STORE_DROPPED:
+            tl.store(dropped_ptr + offs_p[:, None] * stride_dp + offs_q[None, :] * stride_dq,
+                     (a.to(tl.float32) * dropped_scale).to(dropped_ptr.dtype.element_ty),
+                     mask=p_in[:, None] & q_in[None, :])
+    b = tl.load(mat_ptr + offs_q[:, None] * stride_mq + offs_r[None, :] * stride_mr,
+                mask=q_in[:, None] & r_in[None, :], other=0.0)
+    return mma(a, b, acc, DOT_FP32, INPUT_PRECISION)
+
+
+@triton.jit
+def _shrink_store(acc, out_ptr, row_scale_ptr, offs_p, p_in, offs_r, r_in, stride_op, stride_or, out_scale,
+                  ROW_SCALE: tl.constexpr):
     acc = acc * out_scale
     if ROW_SCALE:
         acc = acc * tl.load(row_scale_ptr + offs_p, mask=p_in, other=0.0)[:, None]
@@ -76,21 +74,36 @@ def _lora_shrink_kernel(
     row_scale2: P2 (fp32), computed by the programs after the cdiv(P, BLOCK_P) of product 1.
 
     Product 1 may drop out (keep bit of element (p, q) of a P×Q input, k_groups = ceil(Q/16));
-    with STORE_DROPPED, x ⊙ Z = where(keep, inp·dropped_scale, 0) is also written to dropped (P×Q)
-    — DoRA's dropout term needs it as a GEMM operand (a transient, never saved for backward).
+    with STORE_DROPPED, x ⊙ Z = keep·inp·dropped_scale is also written to dropped (P×Q) — DoRA's
+    dropout term needs it as a GEMM operand (a transient, never saved for backward). Each output
+    row block is reduced over all of Q by one program. The loops run over kernel arguments (Q, Q2),
+    never over a bound computed in the kernel (the triton 3.6 interpreter fails on those).
     """
     pid = tl.program_id(0)
     first_programs = tl.cdiv(P, BLOCK_P)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_in = offs_r < R
     if pid < first_programs:
-        _shrink_rows(inp_ptr, mat_ptr, out_ptr, dropped_ptr, out_ptr, pid, P, Q, R,
-                     stride_ip, stride_iq, stride_mq, stride_mr, stride_op, stride_or, stride_dp, stride_dq,
-                     seed_lo, seed_hi, threshold, out_scale, dropped_scale, k_groups,
-                     HAS_DROPOUT, STORE_DROPPED, False, DOT_FP32, INPUT_PRECISION, BLOCK_R, BLOCK_P, BLOCK_Q)
+        offs_p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_in = offs_p < P
+        acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+        for q0 in range(0, Q, BLOCK_Q):
+            acc = _shrink_step(acc, inp_ptr, mat_ptr, dropped_ptr, offs_p, p_in, offs_r, r_in, q0, Q,
+                               stride_ip, stride_iq, stride_mq, stride_mr, stride_dp, stride_dq,
+                               seed_lo, seed_hi, threshold, dropped_scale, k_groups,
+                               HAS_DROPOUT, STORE_DROPPED, DOT_FP32, INPUT_PRECISION, BLOCK_P, BLOCK_Q)
+        _shrink_store(acc, out_ptr, out_ptr, offs_p, p_in, offs_r, r_in, stride_op, stride_or, out_scale, False)
     elif SECOND:
-        _shrink_rows(inp2_ptr, mat2_ptr, out2_ptr, out2_ptr, row_scale2_ptr, pid - first_programs, P2, Q2, R,
-                     stride_i2p, stride_i2q, stride_m2q, stride_m2r, stride_o2p, stride_o2r, 0, 0,
-                     seed_lo, seed_hi, threshold, out_scale2, 1.0, k_groups,
-                     False, False, ROW_SCALE2, DOT_FP32, INPUT_PRECISION, BLOCK_R, BLOCK_P, BLOCK_Q)
+        offs_p = (pid - first_programs).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_in = offs_p < P2
+        acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+        for q0 in range(0, Q2, BLOCK_Q):
+            acc = _shrink_step(acc, inp2_ptr, mat2_ptr, out2_ptr, offs_p, p_in, offs_r, r_in, q0, Q2,
+                               stride_i2p, stride_i2q, stride_m2q, stride_m2r, 0, 0,
+                               seed_lo, seed_hi, threshold, 1.0, k_groups,
+                               False, False, DOT_FP32, INPUT_PRECISION, BLOCK_P, BLOCK_Q)
+        _shrink_store(acc, out2_ptr, row_scale2_ptr, offs_p, p_in, offs_r, r_in, stride_o2p, stride_o2r,
+                      out_scale2, ROW_SCALE2)
 
 
 _lora_shrink_tuned = triton.autotune(
