@@ -94,12 +94,13 @@ def test_every_rank_and_dtype_keeps_a_fitting_config(kind, block_r, dtype, flags
 
 def test_prune_rules_drop_the_measured_offenders():
     """The candidates that spilled or duplicated Philox calls in the compile-only sweep are pruned."""
-    def kept(kind, flags):
+    def kept(kind, flags, block_r=16):
         return {(tuple(c.kwargs.values())[:3], c.num_warps) for c in configs.prune_by_rank(kind)(
-            configs.autotune_configs(kind), {"x": torch.empty(1, dtype=torch.bfloat16)}, BLOCK_R=16, **flags)}
+            configs.autotune_configs(kind), {"x": torch.empty(1, dtype=torch.bfloat16)}, BLOCK_R=block_r, **flags)}
     dora = dict(HAS_DROPOUT=True, DORA_DROPOUT=True)
     assert ((128, 256, 64), 8) not in kept("linear_fwd", dora) and ((128, 256, 64), 8) in kept("linear_fwd", {})
     assert ((128, 128, 64), 4) not in kept("linear_fwd", dora)
+    assert ((128, 128, 64), 8) in kept("linear_fwd", dora) and ((128, 128, 64), 8) not in kept("linear_fwd", dora, 128)
     assert ((128, 64, 64), 4) not in kept("linear_bwd", dora)
     assert ((64, 32, 32), 8) not in kept("linear_bwd", dict(HAS_DROPOUT=True))
     assert ((64, 32), 8) not in {(k[:2], w) for k, w in kept("shrink", dict(HAS_DROPOUT=True))}

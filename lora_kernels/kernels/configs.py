@@ -83,9 +83,11 @@ _MAX_FP32_TILE = 64 * 128
 #   threads compute the same calls (64×32 tiles on 8 warps: 17.8 extra SASS/element instead of ~9);
 # - DoRA with dropout keeps two fp32 output tiles (and the dx kernel's rank operands beside them):
 #   more than 64 tile elements per thread spilled (forward 128×256/8 warps, 128×128/4 warps), and so
-#   did the dx tile 128×64 on 4 warps (64 per thread): 4-warp dx tiles are held to 32 per thread.
+#   did the dx tile 128×64 on 4 warps (64 per thread): 4-warp dx tiles are held to 32 per thread;
+#   at ranks >= 128 the forward 128×128/8 warps spilled too (32 B): the bound halves there.
 MIN_DROPOUT_ELEMS_PER_THREAD = 16
 MAX_DORA_DROPOUT_ELEMS_PER_THREAD = {"linear_fwd": {4: 64, 8: 64}, "linear_bwd": {4: 32, 8: 64}}
+DORA_DROPOUT_HIGH_RANK = 128  # from this padded rank on, the DoRA bound above is halved
 
 
 def _per_thread(rows: int, cols: int, num_warps: int) -> float:
@@ -105,8 +107,10 @@ def _fits(kind: str, cfg: triton.Config, block_r: int, elem_bytes: int = 2, flag
         per_thread = _per_thread(rows, cols, cfg.num_warps)
         if kind == "linear_bwd" and flags.get("HAS_DROPOUT") and per_thread < MIN_DROPOUT_ELEMS_PER_THREAD:
             return False
-        if flags.get("DORA_DROPOUT") and per_thread > MAX_DORA_DROPOUT_ELEMS_PER_THREAD[kind].get(cfg.num_warps, 32):
-            return False
+        if flags.get("DORA_DROPOUT"):
+            bound = MAX_DORA_DROPOUT_ELEMS_PER_THREAD[kind].get(cfg.num_warps, 32)
+            if per_thread > (bound // 2 if block_r >= DORA_DROPOUT_HIGH_RANK else bound):
+                return False
     if kind == "shrink":
         return kw["BLOCK_P"] * block_r <= 2 * _MAX_TILE_WITH_RANK and (
             elem_bytes < 4 or kw["BLOCK_P"] * kw["BLOCK_Q"] <= _MAX_FP32_TILE)
