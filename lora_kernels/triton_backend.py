@@ -11,7 +11,8 @@ launches). Launches for one LoRA forward + backward: fused 4 (shrink, GEMM+expan
 hybrid 6 (the same plus cuBLAS's x·Wᵀ and g·W). Same contract as :mod:`lora_kernels.torch_backend`.
 
 DoRA (DESIGN.md §3) reuses the same kernels: c = m/n enters the forward epilogue in PEFT's form
-y = base + ((c − 1)·P + c·s·u·Bᵀ), exact at init (which also writes h for dm) and the dx GEMM (g ⊙ c formed in registers); v = g·(c ⊙ B) and dB = c ⊙ (s·gᵀ·u),
+y = base + ((c − 1)·P + c·s·u·Bᵀ), exact at init (the epilogue also writes h for dm), and the dx
+GEMM (g ⊙ c formed in registers); v = g·(c ⊙ B) and dB = c ⊙ (s·gᵀ·u),
 so no g ⊙ c tensor is needed on the fused path. With dropout, PEFT's formula needs xd·Wᵀ: x ⊙ Z is
 written once by the shrink kernel as a transient GEMM operand (freed after the forward, never saved).
 """

@@ -1,9 +1,10 @@
 """In-register dropout for the Triton kernels: the twin of :mod:`lora_kernels.dropout`.
 
 One Philox-4x32-10 call per 16 consecutive elements of a row (counter m·KG + k//16,
-KG = ceil(K/16)), 8-bit samples, kept iff sample >= t (the definition, its effective p and keep-scale are in
-:mod:`lora_kernels.dropout`). The kernels only need the keep *bits*: they select x (or the
-LoRA term) by a product with the 0/1 bits (NaN-propagating) and fold the keep-scale 1/(1 − p_eff) into a scalar applied once.
+KG = ceil(K/16)), 8-bit samples, kept iff sample >= t (the definition, its effective p and
+keep-scale are in :mod:`lora_kernels.dropout`). The kernels only need the keep *bits*: they
+multiply x (or the LoRA term) by the 0/1 bits (a product, so NaN propagates) and apply the
+keep-scale 1/(1 − p_eff) once, as a scalar.
 
 The seed arrives as two int32 kernel arguments (its low and high 32-bit words, bit patterns),
 which the kernels list in ``do_not_specialize``: a new seed never recompiles a kernel.

@@ -14,7 +14,8 @@ Two kinds of programs share the launch (no partial sums, no finishing kernel, no
   GPU covers all M blocks of a few K panels and W is streamed from HBM about once
   (docs/architecture.md has the traffic model). BASE_GEMM: the tile walks N and computes g·W
   itself (the fused path); otherwise it reads cuBLAS's g·W from dx (the hybrid path). The epilogue
-  regenerates the keep bits of the tile and adds (v·A)·where(keep, s·keep_scale, 0) (a product, NaN-propagating like the reference).
+  regenerates the keep bits of the tile and adds (s·v·A)·where(keep, keep_scale, 0) (a product,
+  NaN-propagating like the reference); without dropout s·v·A is folded into the accumulator.
 """
 from __future__ import annotations
 
@@ -42,8 +43,9 @@ def _lora_linear_bwd_kernel(
 ):
     """g: M×N, w: N×K, v: M×R, a: R×K, x: M×K, c: N (fp32, DoRA), dx: M×K, da: R×K.
 
-    keep_mult = keep_scale (1/(1 − p_eff)), da_scale = s·keep_scale (s without dropout), scale = s. When not BASE_GEMM,
-    dx holds cuBLAS's g·W (DoRA: gc·W) on entry and, for DoRA with dropout, aux (M×K) holds g·W.
+    keep_mult = keep_scale (1/(1 − p_eff)), da_scale = s·keep_scale (s without dropout), scale = s.
+    When not BASE_GEMM, dx holds cuBLAS's g·W (DoRA: gc·W) on entry and, for DoRA with dropout,
+    aux (M×K) holds g·W.
     """
     pid = tl.program_id(0)
     k_blocks = tl.cdiv(K, BLOCK_K)

@@ -128,7 +128,8 @@ def lora_linear_fwd(x, weight, bias, u, lora_b, scale: float, y=None, dora_scale
 
     Fused (y is None): computes x·Wᵀ itself. Hybrid (y given, holding x·Wᵀ, plus b for LoRA):
     finishes y in place. ``bias``: fused, added by the kernel; hybrid, y already holds it (LoRA
-    passes None; DoRA passes it so the kernel can recover x·Wᵀ = y − b). DoRA: ``dora_scale`` c (N, fp32) and ``h`` (M×N, written;
+    passes None; DoRA passes it so the kernel can recover x·Wᵀ = y − b). DoRA: ``dora_scale`` c
+    (N, fp32) and ``h`` (M×N, written;
     for the hybrid path with dropout it must hold xd·Wᵀ on entry); ``x_dropped`` (x ⊙ Z, M×K)
     selects the dropout formula (fused path: used as a GEMM operand).
     """
