@@ -36,6 +36,12 @@ GPU_FIXED_CONFIG = {
     "dora_norm": triton.Config(dict(BLOCK_N=64, BLOCK_K=128), num_warps=4, num_stages=3),
 }
 
+# Small tiles only fp32 operands use (see _FP32_CONFIGS below); pruned for fp16/bf16.
+_FP32_EXTRA = {
+    "linear_fwd": [(32, 32, 32, 4, 3), (32, 32, 16, 8, 3), (16, 32, 16, 4, 3)],
+    "linear_bwd": [(32, 32, 32, 8, 3), (16, 32, 16, 8, 3)],
+}
+
 _GPU_CONFIGS = {
     "shrink": [
         triton.Config(dict(BLOCK_P=bp, BLOCK_Q=bq), num_warps=w, num_stages=s)
@@ -52,7 +58,7 @@ _GPU_CONFIGS = {
             (64, 64, 64, 4, 4),
             (64, 64, 64, 8, 3),
             (64, 64, 32, 8, 3),
-        ]
+        ] + _FP32_EXTRA["linear_fwd"]
     ],
     "linear_bwd": [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=s)
@@ -65,9 +71,42 @@ _GPU_CONFIGS = {
             (64, 64, 64, 8, 3),
             (64, 32, 64, 8, 3),
             (64, 32, 32, 8, 3),
-        ]
+        ] + _FP32_EXTRA["linear_bwd"]
     ],
 }
+
+# fp32 operands ("ieee" dots are FMA loops whose operands are replicated across threads): for the two
+# GEMM kernels only these (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) compiled without spills in
+# issue 13's compile-only sweep (DoRA with dropout, the largest variant, as the test case), per padded
+# rank; for fp32 they replace every other rule. A rank uses the list of the next listed rank up.
+# Left: the dx kernel at rank 256 spilled in every shape tried (least: 16×32×16 / 8 warps, 144 B).
+_FP32_CONFIGS = {
+    "linear_fwd": {
+        16: [(64, 64, 64, 4, 4), (64, 64, 64, 8, 3), (64, 64, 32, 8, 3)],
+        64: [(64, 64, 32, 8, 3), (32, 32, 32, 4, 3)],
+        128: [(32, 32, 32, 4, 3)],
+        256: [(32, 32, 16, 8, 3), (16, 32, 16, 4, 3)],
+    },
+    "linear_bwd": {
+        16: [(64, 32, 32, 8, 3), (32, 32, 32, 8, 3), (16, 32, 16, 8, 3)],
+        64: [(32, 32, 32, 8, 3), (16, 32, 16, 8, 3)],
+        128: [(16, 32, 16, 8, 3)],
+        256: [(16, 32, 16, 8, 3)],
+    },
+}
+
+
+def _key(cfg: triton.Config) -> tuple:
+    kw = cfg.kwargs
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages)
+
+
+def _fp32_allowed(kind: str, block_r: int) -> list:
+    table = _FP32_CONFIGS[kind]
+    return table[min(r for r in table if r >= block_r)]
+
+
+_FP32_ONLY = {kind: set(extra) for kind, extra in _FP32_EXTRA.items()}
 
 # Register / shared-memory budgets, from ptxas -v on sm_90 (a compile-only review; see
 # docs/architecture.md): the rank-wide tiles (u·Bᵀ, v·A, the dA accumulator) keep the other tile dims
@@ -97,6 +136,11 @@ def _per_thread(rows: int, cols: int, num_warps: int) -> float:
 def _fits(kind: str, cfg: triton.Config, block_r: int, elem_bytes: int = 2, flags: dict | None = None) -> bool:
     kw = cfg.kwargs
     flags = flags or {}
+    if kind in _FP32_CONFIGS:
+        if elem_bytes >= 4:
+            return _key(cfg) in _fp32_allowed(kind, block_r)
+        if _key(cfg) in _FP32_ONLY[kind]:
+            return False
     if block_r >= 128 and cfg.num_warps < 8:
         return False
     if kind == "shrink" and flags.get("HAS_DROPOUT") and \
