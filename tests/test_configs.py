@@ -90,11 +90,10 @@ def test_every_rank_and_dtype_keeps_a_fitting_config(kind, block_r, dtype, flags
     assert kept and all(configs._fits(kind, c, block_r, operand.element_size(), flags) for c in kept)
     if block_r >= 128 and dtype != torch.float32:  # fp32 GEMM tiles come from a measured list
         assert all(c.num_warps == 8 for c in kept)
-    if dtype == torch.float32 and kind != "shrink":
-        allowed = configs._fp32_allowed(kind, block_r)
-        assert {configs._key(c) for c in kept} == set(allowed)
+    if dtype == torch.float32:  # measured no-spill lists
+        assert {configs._key(c) for c in kept} == set(configs._fp32_allowed(kind, block_r))
     else:  # the small fp32-only tiles never reach fp16/bf16
-        assert not {configs._key(c) for c in kept if kind != "shrink"} & configs._FP32_ONLY.get(kind, set())
+        assert not {configs._key(c) for c in kept} & configs._FP32_ONLY[kind]
 
 
 def test_prune_rules_drop_the_measured_offenders():

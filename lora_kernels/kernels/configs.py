@@ -40,12 +40,14 @@ GPU_FIXED_CONFIG = {
 _FP32_EXTRA = {
     "linear_fwd": [(32, 32, 32, 4, 3), (32, 32, 16, 8, 3), (16, 32, 16, 4, 3)],
     "linear_bwd": [(32, 32, 32, 8, 3), (16, 32, 16, 8, 3)],
+    "shrink": [(32, 32, 8, 3)],
 }
 
 _GPU_CONFIGS = {
     "shrink": [
         triton.Config(dict(BLOCK_P=bp, BLOCK_Q=bq), num_warps=w, num_stages=s)
         for bp, bq, w, s in [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3)]
+        + _FP32_EXTRA["shrink"]
     ],
     "linear_fwd": [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
@@ -75,10 +77,11 @@ _GPU_CONFIGS = {
     ],
 }
 
-# fp32 operands ("ieee" dots are FMA loops whose operands are replicated across threads): for the two
-# GEMM kernels only these (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) compiled without spills in
-# issue 13's compile-only sweep (DoRA with dropout, the largest variant, as the test case), per padded
-# rank; for fp32 they replace every other rule. A rank uses the list of the next listed rank up.
+# fp32 operands ("ieee" dots are FMA loops whose operands are replicated across threads): only these
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) compiled without spills in issue 13's compile-only
+# sweep (DoRA with dropout, the largest variant, as the test case; the shrink with dropout and the
+# v+dB launch), per padded rank; for fp32 they replace every other rule (the Philox-sharing rule
+# included: FMA dots dominate there). A rank uses the list of the next listed rank up.
 # Left: the dx kernel at rank 256 spilled in every shape tried (least: 16×32×16 / 8 warps, 144 B).
 _FP32_CONFIGS = {
     "linear_fwd": {
@@ -93,11 +96,19 @@ _FP32_CONFIGS = {
         128: [(16, 32, 16, 8, 3)],
         256: [(16, 32, 16, 8, 3)],
     },
+    # (BLOCK_P, BLOCK_Q, num_warps, num_stages); the shrink with dropout and the v+dB launch
+    "shrink": {
+        64: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3)],
+        128: [(64, 64, 8, 3)],
+        256: [(32, 32, 8, 3)],
+    },
 }
 
 
 def _key(cfg: triton.Config) -> tuple:
     kw = cfg.kwargs
+    if "BLOCK_P" in kw:
+        return (kw["BLOCK_P"], kw["BLOCK_Q"], cfg.num_warps, cfg.num_stages)
     return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages)
 
 
@@ -111,9 +122,8 @@ _FP32_ONLY = {kind: set(extra) for kind, extra in _FP32_EXTRA.items()}
 # Register / shared-memory budgets, from ptxas -v on sm_90 (a compile-only review; see
 # docs/architecture.md): the rank-wide tiles (u·Bᵀ, v·A, the dA accumulator) keep the other tile dims
 # <= 64 at R = 256 and <= 128 at R = 128, and ranks >= 128 need 8 warps to hold their fp32
-# accumulators without spilling. fp32 operands ("ieee" dots, no tensor cores) spill on big tiles.
+# accumulators without spilling (fp32 operands: see _FP32_CONFIGS).
 _MAX_TILE_WITH_RANK = 64 * 256
-_MAX_FP32_TILE = 64 * 128
 
 
 # Prune rules added from the compile-only sweep of issue 13 (every candidate compiled for sm_90a with
@@ -156,10 +166,9 @@ def _fits(kind: str, cfg: triton.Config, block_r: int, elem_bytes: int = 2, flag
             if per_thread > (bound // 2 if block_r >= DORA_DROPOUT_HIGH_RANK else bound):
                 return False
     if kind == "shrink":
-        return kw["BLOCK_P"] * block_r <= 2 * _MAX_TILE_WITH_RANK and (
-            elem_bytes < 4 or kw["BLOCK_P"] * kw["BLOCK_Q"] <= _MAX_FP32_TILE)
+        return kw["BLOCK_P"] * block_r <= 2 * _MAX_TILE_WITH_RANK
     rows, cols = (kw["BLOCK_M"], kw["BLOCK_N"]) if kind == "linear_fwd" else (kw["BLOCK_M"], kw["BLOCK_K"])
-    return max(rows, cols) * block_r <= _MAX_TILE_WITH_RANK and (elem_bytes < 4 or rows * cols <= _MAX_FP32_TILE)
+    return max(rows, cols) * block_r <= _MAX_TILE_WITH_RANK
 
 
 def use_fixed_config() -> bool:
