@@ -12,13 +12,30 @@ def _cmd_info(args) -> int:
 
     from . import __version__
     from ._triton_env import is_interpreter, triton_version
-    from .backends import ENV_VAR, requested_backend
+    from ._versions import tested_pair_line
+    from .backends import ENV_VAR, requested_backend, resolve_backend
 
     print(f"lora_kernels {__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, triton {triton_version() or 'not installed'}")
+    print(tested_pair_line(torch.__version__, triton_version()))
     cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     print(f"CUDA device: {cuda}; Triton interpreter: {'on' if is_interpreter() else 'off'}")
-    print(f"backend: {requested_backend(None)} (from ${ENV_VAR} or default 'auto')")
+    try:
+        requested = requested_backend(None)
+    except ValueError as exc:
+        print(f"backend: invalid ${ENV_VAR}: {exc}")
+        return 2
+    print(f"backend: {requested} (from ${ENV_VAR} if set, else the default 'auto')")
+    # What that resolves to here, for a float32 layer on each device this machine has (the choice
+    # also depends on dtype and rank: float64 and ranks > 256 use torch; see lora_kernels/backends.py).
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        x = torch.empty(16, 64, device=device)
+        try:
+            impl = resolve_backend(requested, x, 64, 8)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            impl = f"error: {exc}"
+        print(f"  {requested!r} on {device} tensors (float32, rank 8) -> {impl}")
     return 0
 
 
