@@ -113,7 +113,7 @@ def _cmd_bench(args) -> int:
         quick = preset == "quick"
         timer = bm.make_timer("cuda", warmup_ms=10 if quick else 25, rep_ms=40 if quick else 100)
     else:
-        timer = bm.make_timer("cpu", cpu_reps=args.reps or 2)
+        timer = bm.make_timer("cpu", cpu_reps=args.reps)
         print(f"# {bm.CPU_NOTE}")
         if not args.providers:
             print("# torch.compile is left out on CPU by default (Inductor takes ~20 s per shape there); "
@@ -121,12 +121,17 @@ def _cmd_bench(args) -> int:
     print(f"# {'custom grid' if custom else 'preset ' + preset}: {len(shapes)} shapes x {len(providers)} providers "
           f"({', '.join(providers)}), "
           f"modes {', '.join(modes) or 'none (saved bytes only)'}")
+    untimed = () if device == "cuda" or args.time_interpreter else bm.INTERPRETED_PROVIDERS
     rows, meta, files = bm.run_bench(shapes, providers, device, modes, out_dir=args.out, budget_s=args.budget,
                                      progress=not args.no_progress, plots=not args.no_plots,
                                      compile_backend=args.compile_backend, timer=timer,
-                                     meta_extra={"preset": "custom" if custom else preset, "argv": args.argv})
+                                     meta_extra={"preset": "custom" if custom else preset, "argv": args.argv},
+                                     untimed=untimed, model_bench=not args.no_model)
     print(f"# {bm.hardware_line(meta)}")
-    print(bm.markdown_table(rows))
+    print(bm.cpu_report(rows) if device != "cuda" else bm.markdown_table(rows))
+    if meta.get("model_saved"):
+        print()
+        print(bm.model_saved_markdown(meta["model_saved"]))
     if args.details:
         print()
         print(bm.markdown_details(rows))
@@ -147,13 +152,30 @@ def _cmd_finetune(args) -> int:
     return run(args)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every option's default (those without a help text too; a help text that already
+    says its default is kept as written), and descriptions keep their line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text.lower():
+            return text
+        if action.default is False and action.nargs == 0:
+            return f"{text} (default: off)".strip()
+        if action.default is None:
+            return f"{text} (default: none)".strip()
+        return f"{text} (default: %(default)s)".strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="lora-kernels",
         description="Fused Triton kernels for LoRA: validation, benchmarks and information.",
+        formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p_info = sub.add_parser("info", help="versions, device, and the backend that would be used")
+    p_info = sub.add_parser("info", help="versions, device, and the backend that would be used",
+                            formatter_class=HelpFormatter)
     p_info.set_defaults(func=_cmd_info)
 
     p_check = sub.add_parser(
@@ -163,9 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                     "float64 reference over a grid of shapes, ranks, dtypes and dropout rates, and prints a table "
                     "(path, case, relative error, tolerance, pass/fail); exits non-zero on any failure. Without a "
                     "GPU the Triton paths run in Triton's CPU interpreter on a small grid.",
+        formatter_class=HelpFormatter,
     )
-    p_check.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    p_check.add_argument("--paths", default=None, help="comma-separated subset of torch,fused,hybrid")
+    p_check.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
+    p_check.add_argument("--paths", default=None, help="comma-separated subset of torch,fused,hybrid (default: all three)")
     p_check.add_argument("--grid", choices=["quick", "small", "gpu"], default=None,
                          help="cases to run (default: gpu on CUDA, small on CPU)")
     p_check.add_argument("--quick", action="store_true", help="the quick grid (4 cases, seconds in the interpreter)")
@@ -182,32 +205,43 @@ def main(argv: list[str] | None = None) -> int:
                     "hardware, versions, git commit, date), bench.md and PNG plots to --out. Presets: full (GPU "
                     "default: Llama-3-8B projections), quick (GPU --quick), cpu (CPU default: 1/32-scale shapes), "
                     "cpu-quick (CPU --quick). CPU timings say nothing about GPU speed; saved-for-backward bytes "
-                    "are exact on any device.",
+                    "are exact on any device. On a CPU the Triton paths run in Triton's interpreter: they are "
+                    "validated and their bytes measured, not timed; the eager providers are timed with enough "
+                    "repetitions for a median and its p20-p80 spread.",
+        formatter_class=HelpFormatter,
     )
-    p_bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    p_bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     p_bench.add_argument("--quick", action="store_true", help="a small preset (quick on a GPU, cpu-quick on CPU)")
-    p_bench.add_argument("--preset", choices=["full", "quick", "cpu", "cpu-quick"], default=None)
+    p_bench.add_argument("--preset", choices=["full", "quick", "cpu", "cpu-quick"], default=None,
+                         help="default: full on a GPU, cpu on a CPU (quick / cpu-quick with --quick)")
     p_bench.add_argument("--projections", default=None,
                          help="comma-separated IN x OUT (e.g. 4096x1024) or Llama-3-8B names: q/o, k/v, gate/up, down")
-    p_bench.add_argument("--tokens", default=None, help="comma-separated token counts (M)")
-    p_bench.add_argument("--ranks", default=None, help="comma-separated ranks")
-    p_bench.add_argument("--dropouts", default=None, help="comma-separated dropout rates")
-    p_bench.add_argument("--dtypes", default=None, help="comma-separated subset of bfloat16,float16,float32")
-    p_bench.add_argument("--kinds", default=None, help="lora, dora or lora,dora (with a custom grid; default lora)")
+    p_bench.add_argument("--tokens", default=None, help="comma-separated token counts (M); default: the preset's")
+    p_bench.add_argument("--ranks", default=None, help="comma-separated ranks; default: the preset's")
+    p_bench.add_argument("--dropouts", default=None, help="comma-separated dropout rates; default: the preset's")
+    p_bench.add_argument("--dtypes", default=None,
+                         help="comma-separated subset of bfloat16,float16,float32; default: the preset's")
+    p_bench.add_argument("--kinds", default=None, help="lora, dora or lora,dora (with a custom grid; default: lora)")
     p_bench.add_argument("--providers", default=None,
                          help="comma-separated subset of base,unfused,peft,compile,torch,fused,hybrid "
-                              "(default GPU: base,unfused,peft,fused,hybrid,compile; CPU: no compile, plus torch)")
+                              "(default: base,unfused,peft,fused,hybrid,compile on a GPU; on a CPU no compile, plus torch)")
     p_bench.add_argument("--modes", default=None, help="comma-separated subset of fwd,bwd,fwdbwd (default: all)")
     p_bench.add_argument("--saved-bytes-only", action="store_true",
                          help="validate and measure bytes saved for backward, no timing (exact on CPU too)")
-    p_bench.add_argument("--out", default="bench_out", help="output folder (default: ./bench_out)")
+    p_bench.add_argument("--out", default="bench_out", help="output folder")
     p_bench.add_argument("--budget", type=float, default=None,
                          help="seconds: start no new shape (or provider) after this; results so far are kept")
-    p_bench.add_argument("--reps", type=int, default=None, help="CPU only: timed repetitions per figure")
-    p_bench.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    p_bench.add_argument("--reps", type=int, default=None,
+                         help="CPU only: timed repetitions per figure (default: at least 30 and at least 0.25 s)")
+    p_bench.add_argument("--time-interpreter", action="store_true",
+                         help="CPU only: time the Triton paths in the interpreter too (their times mean nothing "
+                              "about GPU speed; for debugging)")
+    p_bench.add_argument("--no-model", action="store_true",
+                         help="leave out the whole-model saved-bytes figure (a small Llama built from a config)")
+    p_bench.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     p_bench.add_argument("--details", action="store_true", help="also print every figure (as in bench.md)")
-    p_bench.add_argument("--no-plots", action="store_true")
-    p_bench.add_argument("--no-progress", action="store_true")
+    p_bench.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    p_bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p_bench.add_argument("--allow-large-on-cpu", action="store_true",
                          help="run the full or quick (Llama-3-8B) preset on CPU anyway, e.g. with --saved-bytes-only")
     p_bench.set_defaults(func=_cmd_bench)
@@ -217,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p_ft = sub.add_parser(
         "finetune",
         help="fine-tune a real pretrained model on real data (offline), report, save the adapter",
-        description=finetune_doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=finetune_doc, formatter_class=HelpFormatter,
     )
     finetune_parser(p_ft)
     p_ft.set_defaults(func=_cmd_finetune)
