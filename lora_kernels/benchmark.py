@@ -354,15 +354,20 @@ def _percentile(sorted_times: list[float], q: float) -> float:
 
 CPU_MIN_REPS = 30  # a median with its spread (p20-p80) needs more than a handful of repetitions
 CPU_MIN_SECONDS = 0.25  # and at least this long per figure (more repetitions for sub-ms calls)
+CPU_MAX_SECONDS = 1.5  # but no longer: a figure that gets fewer than CPU_MIN_REPS is not reported
 CPU_MAX_REPS = 2000
+CPU_THREADS = 1  # one thread: on a shared machine a multi-threaded op waits on its slowest thread
+CPU_MAX_SPREAD = 0.3  # (p80 - p20) / median above this: the figure is reported as unstable, not plotted
 
 
 def make_timer(device: str, warmup_ms: float = 25, rep_ms: float = 100, cpu_reps: int | None = None,
-               cpu_min_s: float = CPU_MIN_SECONDS):
+               cpu_min_s: float = CPU_MIN_SECONDS, cpu_max_s: float = CPU_MAX_SECONDS,
+               cpu_threads: int | None = CPU_THREADS):
     """A function fn -> list of per-call times (ms). CUDA: ``triton.testing.do_bench`` (CUDA events,
     L2 flushed, after ``warmup_ms`` of warm-up, ``rep_ms`` of repetitions), or plain CUDA events
-    without Triton. CPU: three warm-up calls, then calls timed with perf_counter: exactly ``cpu_reps``
-    if given, else at least CPU_MIN_REPS and at least ``cpu_min_s`` seconds (at most CPU_MAX_REPS)."""
+    without Triton. CPU: on ``cpu_threads`` torch threads, three warm-up calls, then calls timed with
+    perf_counter: exactly ``cpu_reps`` if given, else until CPU_MIN_REPS calls and ``cpu_min_s`` seconds
+    (stopping at CPU_MAX_REPS calls or ``cpu_max_s`` seconds, whichever comes first)."""
     if device == "cuda":
         if HAS_TRITON:
             import triton.testing
@@ -390,21 +395,29 @@ def make_timer(device: str, warmup_ms: float = 25, rep_ms: float = 100, cpu_reps
         return bench_events
 
     def bench_cpu(fn):
-        for _ in range(1 if cpu_reps is not None else 3):
-            fn()
-        times = []
-        start = time.perf_counter()
-        while True:
-            if cpu_reps is not None:
-                if len(times) >= cpu_reps:
+        threads = torch.get_num_threads()
+        if cpu_threads:
+            torch.set_num_threads(cpu_threads)
+        try:
+            for _ in range(1 if cpu_reps is not None else 3):
+                fn()
+            times = []
+            start = time.perf_counter()
+            while True:
+                elapsed = time.perf_counter() - start
+                if cpu_reps is not None:
+                    if len(times) >= cpu_reps:
+                        break
+                elif (len(times) >= CPU_MAX_REPS or elapsed >= cpu_max_s
+                      or (len(times) >= CPU_MIN_REPS and elapsed >= cpu_min_s)):
                     break
-            elif len(times) >= CPU_MAX_REPS or (len(times) >= CPU_MIN_REPS
-                                                and time.perf_counter() - start >= cpu_min_s):
-                break
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
+                t = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t) * 1e3)
+        finally:
+            torch.set_num_threads(threads)
         return times
+    bench_cpu.min_reps = cpu_reps or CPU_MIN_REPS  # fewer timed calls than this: not a stable figure
     return bench_cpu
 
 
@@ -529,9 +542,13 @@ def run_shape(shape: Shape, providers, device: str, modes=MODES, tol: float | No
                     raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
                 srt = sorted(times)
                 med = statistics.median(srt)
-                prov_rows.append(Row(sd, provider, mode, med, _percentile(srt, 0.2), _percentile(srt, 0.8),
-                                     shape.flops(mode, provider) / (med * 1e-3) / 1e12, times_ms=list(times),
-                                     extra=dict(extra)))
+                row = Row(sd, provider, mode, med, _percentile(srt, 0.2), _percentile(srt, 0.8),
+                          shape.flops(mode, provider) / (med * 1e-3) / 1e12, times_ms=list(times), extra=dict(extra))
+                if device != "cuda":
+                    row.extra["spread"] = (row.ms_p80 - row.ms_p20) / med if med > 0 else float("inf")
+                    row.extra["stable"] = bool(len(times) >= getattr(bench, "min_reps", CPU_MIN_REPS)
+                                               and row.extra["spread"] <= CPU_MAX_SPREAD)
+                prov_rows.append(row)
             if not prov_modes:
                 prov_rows.append(Row(sd, provider, "saved", extra=dict(extra)))
             peak = _peak_mem_mb(fn, params, grad) if device == "cuda" else None
@@ -689,6 +706,12 @@ def validation_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _stable(row: Row) -> bool:
+    """A timed figure worth showing: on a GPU always; on a CPU when it had enough repetitions and its
+    p20-p80 spread is within CPU_MAX_SPREAD of the median."""
+    return row.extra.get("stable", True)
+
+
 def cpu_timing_table(rows: list[Row], mode: str = "fwdbwd") -> str:
     """CPU timings of the providers that were timed (eager torch code; not the interpreter): the
     median, its p20-p80 spread and the number of repetitions, and the time relative to the floor."""
@@ -702,13 +725,24 @@ def cpu_timing_table(rows: list[Row], mode: str = "fwdbwd") -> str:
     head = ("| kind | projection | tokens | r | p | dtype | "
             + " | ".join(f"{p}: median ms [p20–p80] (reps)" for p in providers)
             + " | " + " | ".join(f"{p} / base" for p in providers if p != "base") + " |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    lines = [f"Median of at least {CPU_MIN_REPS} timed calls on {CPU_THREADS} thread(s), p20–p80 in brackets, "
+             f"repetitions in parentheses; a figure whose spread exceeds {CPU_MAX_SPREAD:.0%} of its median "
+             "(another job sharing the CPU) is marked unstable and left out of the ratios and the plot.", "",
+             head, "|" + "---|" * (head.count("|") - 1)]
     for key, d in by_shape.items():
         kind, name, m, _, _, r, p, dt = key
-        cells = [(f"{d[q].ms_median:.3f} [{d[q].ms_p20:.3f}–{d[q].ms_p80:.3f}] ({len(d[q].times_ms)})"
-                  if q in d else "-") for q in providers]
+
+        def cell(q):
+            if q not in d:
+                return "-"
+            row = d[q]
+            text = f"{row.ms_median:.3f} [{row.ms_p20:.3f}–{row.ms_p80:.3f}] ({len(row.times_ms)})"
+            return text if _stable(row) else f"unstable: {text}"
+
+        cells = [cell(q) for q in providers]
         base = d.get("base")
-        rel = [(f"{d[q].ms_median / base.ms_median:.2f}×" if q in d and base else "-") for q in providers if q != "base"]
+        rel = [(f"{d[q].ms_median / base.ms_median:.3g}×" if q in d and base and _stable(d[q]) and _stable(base)
+                else "-") for q in providers if q != "base"]
         lines.append(f"| {kind} | {name} | {m} | {r} | {p} | {dt} | " + " | ".join(cells + rel) + " |")
     return "\n".join(lines)
 
@@ -957,7 +991,11 @@ def _hbar_panel(ax, labels, series, xlabel, log_x=True, errors=None, annotate=No
     ax.set_yticklabels(labels, fontsize=9)
     ax.invert_yaxis()
     if log_x:
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(xlabel, fontsize=9)
     ax.grid(axis="x", which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -1013,7 +1051,7 @@ def write_plots(rows: list[Row], out_dir: str, log=print, cpu: bool = False, met
         plt.close(fig)
         written.append(path)
 
-    timed = [r for r in rows if r.mode == "fwdbwd"]
+    timed = [r for r in rows if r.mode == "fwdbwd" and _stable(r)]
     if cpu and timed:
         # --- cpu_times.png: CPU timings of eager code, median and p20-p80 (log axis) ---------------
         labels = list(dict.fromkeys(_shape_label(r.shape) for r in timed))
@@ -1034,8 +1072,11 @@ def write_plots(rows: list[Row], out_dir: str, log=print, cpu: bool = False, met
         fig, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * len(labels) * max(1, len(provs)) / 2.5))
         _hbar_panel(ax, labels, series, "forward + backward, ms (median, bars: p20–p80; log scale)", errors=errors)
         untimed = sorted({r.provider for r in rows if r.extra.get("not_timed")})
-        ax.set_title(f"CPU timings — measured on {where}; {dtypes}\nthey say nothing about GPU speed"
-                     + (f"; not timed (Triton interpreter): {', '.join(untimed)}" if untimed else ""), fontsize=10)
+        unstable = sum(1 for r in rows if r.mode == "fwdbwd" and not _stable(r))
+        ax.set_title(f"CPU timings — measured on {where}, {CPU_THREADS} thread, {dtypes}\n"
+                     "(they say nothing about GPU speed)\n"
+                     + (f"not timed (Triton interpreter): {', '.join(untimed)}; " if untimed else "")
+                     + (f"{unstable} unstable figure(s) left out" if unstable else "all figures stable"), fontsize=10)
         fig.tight_layout()
         path = os.path.join(out_dir, "cpu_times.png")
         fig.savefig(path, dpi=110)
