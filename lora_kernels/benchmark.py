@@ -725,7 +725,8 @@ def cpu_timing_table(rows: list[Row], mode: str = "fwdbwd") -> str:
     head = ("| kind | projection | tokens | r | p | dtype | "
             + " | ".join(f"{p}: median ms [p20–p80] (reps)" for p in providers)
             + " | " + " | ".join(f"{p} / base" for p in providers if p != "base") + " |")
-    lines = [f"Median of at least {CPU_MIN_REPS} timed calls on {CPU_THREADS} thread(s), p20–p80 in brackets, "
+    fewest = min(len(r.times_ms) for r in timed)
+    lines = [f"Median of {fewest} or more timed calls on {CPU_THREADS} thread(s), p20–p80 in brackets, "
              f"repetitions in parentheses; a figure whose spread exceeds {CPU_MAX_SPREAD:.0%} of its median "
              "(another job sharing the CPU) is marked unstable and left out of the ratios and the plot.", "",
              head, "|" + "---|" * (head.count("|") - 1)]
@@ -776,8 +777,8 @@ def cpu_report(rows: list[Row]) -> str:
         "## 2. Bytes saved for backward per layer (measured, exact; the same on any device)", "",
         saved_bytes_table(by_shape, providers).split("\n", 2)[2], "",
         "## 3. CPU timings (measured on this CPU; forward + backward; they say nothing about GPU speed)", "",
-        "The Triton paths run in Triton's CPU interpreter here: validated above, not timed. " if any(
-            r.extra.get("not_timed") for r in rows) else "",
+        *(["The Triton paths run in Triton's CPU interpreter here: validated above, not timed.", ""]
+          if any(r.extra.get("not_timed") for r in rows) else []),
         cpu_timing_table(rows), "",
         "## 4. Modeled GPU ratios (modeled, not measured)", "",
         modeled_section(shapes),
