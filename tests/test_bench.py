@@ -184,3 +184,23 @@ def test_saved_bytes_counts_only_new_tensors():
     w = torch.randn(4, 8)
     assert bm.saved_bytes(lambda: (x * 2).sum(), {x.data_ptr()}) == 0
     assert bm.saved_bytes(lambda: (x.exp() @ w.t()).sum(), {x.data_ptr(), w.data_ptr()}) == 16 * 8 * 4
+
+
+def test_plots_from_known_figures_gpu_and_cpu_layouts(tmp_path):
+    pytest.importorskip("matplotlib")  # CI installs it (test extra); the no-matplotlib branch is tested above
+    rows = []
+    for m in (2048, 8192):
+        for prov, ms in (("base", 1.0), ("unfused", 4.0), ("hybrid", 1.5)):
+            row = _row(prov, "fwdbwd", ms * m / 2048, saved_bytes=0 if prov == "base" else 2048 * m)
+            row.shape = {**row.shape, "m": m}
+            rows.append(row)
+    (tmp_path / "gpu").mkdir()
+    gpu = bm.write_plots(rows, str(tmp_path / "gpu"), meta={"gpu": "Some GPU"})
+    assert sorted(p.rsplit("/", 1)[1] for p in gpu) == ["memory.png", "speedup.png"]
+    for r in rows:
+        r.extra["stable"] = r.provider != "unfused"  # an unstable CPU figure is left out of the time plot
+    (tmp_path / "cpu").mkdir()
+    cpu = bm.write_plots(rows, str(tmp_path / "cpu"), cpu=True, meta={"cpu": "Some CPU"})
+    assert sorted(p.rsplit("/", 1)[1] for p in cpu) == ["cpu_times.png", "memory.png"]
+    for path in gpu + cpu:
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
