@@ -26,11 +26,12 @@ def check_rank(rank) -> int:
     return int(rank)
 
 
-def check_dropout(dropout_p) -> float:
+def check_dropout(dropout_p, name: str = "dropout_p") -> float:
+    """``name``: the argument as the caller's user wrote it (``dropout`` for layers and LoraConfig)."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+        raise TypeError(f"{name} must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        raise ValueError(f"{name} must be in [0, 1), got {dropout_p}")
     return float(dropout_p)
 
 

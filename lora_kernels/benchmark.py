@@ -53,7 +53,9 @@ SEED = 1234
 SCALE = 2.0
 
 CPU_NOTE = ("CPU run: timings on CPU say nothing about GPU speed (the Triton paths run in Triton's "
-            "CPU interpreter); the saved-for-backward bytes are exact on any device.")
+            "CPU interpreter and are validated, not timed); the saved-for-backward bytes are exact on any device.")
+UNTIMED_REASON = "Triton interpreter (CPU): validated and bytes measured, not timed"
+INTERPRETED_PROVIDERS = ("fused", "hybrid")  # run in Triton's interpreter without a GPU
 
 LLAMA3_8B_PROJECTIONS = {  # name: (in_features K, out_features N)
     "q/o 4096→4096": (4096, 4096),
@@ -350,10 +352,22 @@ def _percentile(sorted_times: list[float], q: float) -> float:
     return sorted_times[lo] + (sorted_times[hi] - sorted_times[lo]) * (pos - lo)
 
 
-def make_timer(device: str, warmup_ms: float = 25, rep_ms: float = 100, cpu_reps: int = 5):
+CPU_MIN_REPS = 30  # a median with its spread (p20-p80) needs more than a handful of repetitions
+CPU_MIN_SECONDS = 0.25  # and at least this long per figure (more repetitions for sub-ms calls)
+CPU_MAX_SECONDS = 1.5  # but no longer: a figure that gets fewer than CPU_MIN_REPS is not reported
+CPU_MAX_REPS = 2000
+CPU_THREADS = 1  # one thread: on a shared machine a multi-threaded op waits on its slowest thread
+CPU_MAX_SPREAD = 0.3  # (p80 - p20) / median above this: the figure is reported as unstable, not plotted
+
+
+def make_timer(device: str, warmup_ms: float = 25, rep_ms: float = 100, cpu_reps: int | None = None,
+               cpu_min_s: float = CPU_MIN_SECONDS, cpu_max_s: float = CPU_MAX_SECONDS,
+               cpu_threads: int | None = CPU_THREADS):
     """A function fn -> list of per-call times (ms). CUDA: ``triton.testing.do_bench`` (CUDA events,
     L2 flushed, after ``warmup_ms`` of warm-up, ``rep_ms`` of repetitions), or plain CUDA events
-    without Triton. CPU: one warm-up call, then ``cpu_reps`` calls timed with perf_counter."""
+    without Triton. CPU: on ``cpu_threads`` torch threads, three warm-up calls, then calls timed with
+    perf_counter: exactly ``cpu_reps`` if given, else until CPU_MIN_REPS calls and ``cpu_min_s`` seconds
+    (stopping at CPU_MAX_REPS calls or ``cpu_max_s`` seconds, whichever comes first)."""
     if device == "cuda":
         if HAS_TRITON:
             import triton.testing
@@ -381,13 +395,29 @@ def make_timer(device: str, warmup_ms: float = 25, rep_ms: float = 100, cpu_reps
         return bench_events
 
     def bench_cpu(fn):
-        fn()
-        times = []
-        for _ in range(cpu_reps):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
+        threads = torch.get_num_threads()
+        if cpu_threads:
+            torch.set_num_threads(cpu_threads)
+        try:
+            for _ in range(1 if cpu_reps is not None else 3):
+                fn()
+            times = []
+            start = time.perf_counter()
+            while True:
+                elapsed = time.perf_counter() - start
+                if cpu_reps is not None:
+                    if len(times) >= cpu_reps:
+                        break
+                elif (len(times) >= CPU_MAX_REPS or elapsed >= cpu_max_s
+                      or (len(times) >= CPU_MIN_REPS and elapsed >= cpu_min_s)):
+                    break
+                t = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t) * 1e3)
+        finally:
+            torch.set_num_threads(threads)
         return times
+    bench_cpu.min_reps = cpu_reps or CPU_MIN_REPS  # fewer timed calls than this: not a stable figure
     return bench_cpu
 
 
@@ -443,11 +473,12 @@ TIMED = ("fwd", "bwd", "fwdbwd")
 
 def run_shape(shape: Shape, providers, device: str, modes=MODES, tol: float | None = None, *, timer=None,
               compile_backend: str = "inductor", deadline: float | None = None, on_provider=None,
-              on_rows=None) -> list[Row]:
+              on_rows=None, untimed=()) -> list[Row]:
     """Rows for one shape. A provider that fails validation is reported ('invalid'), not timed; one
     that cannot run here is reported ('skipped', with the reason). ``modes=()`` measures saved
-    bytes only. ``on_provider(shape, provider)`` is called before each provider, ``on_rows(rows)``
-    after each with the shape's rows so far (to save partial results)."""
+    bytes only; so do the providers in ``untimed`` (on CPU: the Triton paths, which run in the
+    interpreter, whose times mean nothing). ``on_provider(shape, provider)`` is called before each
+    provider, ``on_rows(rows)`` after each with the shape's rows so far (to save partial results)."""
     tol = VALIDATION_TOL.get(shape.dtype, 3e-2) if tol is None else tol
     problem = make_problem(shape, device)
     x, w, bias, a, b, grad, mag = problem
@@ -492,9 +523,12 @@ def run_shape(shape: Shape, providers, device: str, modes=MODES, tol: float | No
             continue
         extra = {"rel_err": err, "errors": errors, "tol": tol}
         fn, params = made.fn, made.params
+        prov_modes = () if provider in untimed else modes
+        if provider in untimed and modes:
+            extra["not_timed"] = UNTIMED_REASON
         prov_rows = []
         try:
-            for mode in modes:
+            for mode in prov_modes:
                 if mode == "fwd":
                     with torch.no_grad():
                         times = bench(fn)
@@ -508,10 +542,14 @@ def run_shape(shape: Shape, providers, device: str, modes=MODES, tol: float | No
                     raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
                 srt = sorted(times)
                 med = statistics.median(srt)
-                prov_rows.append(Row(sd, provider, mode, med, _percentile(srt, 0.2), _percentile(srt, 0.8),
-                                     shape.flops(mode, provider) / (med * 1e-3) / 1e12, times_ms=list(times),
-                                     extra=dict(extra)))
-            if not modes:
+                row = Row(sd, provider, mode, med, _percentile(srt, 0.2), _percentile(srt, 0.8),
+                          shape.flops(mode, provider) / (med * 1e-3) / 1e12, times_ms=list(times), extra=dict(extra))
+                if device != "cuda":
+                    row.extra["spread"] = (row.ms_p80 - row.ms_p20) / med if med > 0 else float("inf")
+                    row.extra["stable"] = bool(len(times) >= getattr(bench, "min_reps", CPU_MIN_REPS)
+                                               and row.extra["spread"] <= CPU_MAX_SPREAD)
+                prov_rows.append(row)
+            if not prov_modes:
                 prov_rows.append(Row(sd, provider, "saved", extra=dict(extra)))
             peak = _peak_mem_mb(fn, params, grad) if device == "cuda" else None
             known = base_known | {t.data_ptr() for t in made.owned}
@@ -579,11 +617,12 @@ def _group(rows: list[Row], modes=("fwdbwd", "saved", "invalid", "skipped")):
 
 
 def _best_ours(d: dict[str, Row]) -> Row | None:
-    ok = [d[p] for p in ("fused", "hybrid") if p in d and d[p].mode in ("fwdbwd", "saved")] or \
-         [d[p] for p in ("torch",) if p in d and d[p].mode in ("fwdbwd", "saved")]
-    if not ok:
-        return None
-    return min(ok, key=lambda r: r.ms_median if r.ms_median == r.ms_median else 0.0)
+    """The fastest of our timed providers (torch, fused, hybrid: every one that was timed), else, for
+    the bytes, the first of ours that was validated without timing."""
+    timed = [d[p] for p in OUR_PROVIDERS if p in d and d[p].mode == "fwdbwd"]
+    if timed:
+        return min(timed, key=lambda r: r.ms_median)
+    return next((d[p] for p in OUR_PROVIDERS if p in d and d[p].mode == "saved"), None)
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -596,7 +635,7 @@ def markdown_table(rows: list[Row]) -> str:
         return saved_bytes_table(by_shape, providers)
     baselines = [b for b in BASELINES if b in providers]
     head = "| kind | projection | tokens | r | p | dtype | " + " | ".join(f"{p} ms" for p in providers)
-    head += " | best ours / base |" + "".join(f" ours vs {b} |" for b in baselines)
+    head += " | best ours (which) / base |" + "".join(f" best ours vs {b} |" for b in baselines)
     head += " saved for bwd: ours / eager |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for key, d in by_shape.items():
@@ -615,7 +654,8 @@ def markdown_table(rows: list[Row]) -> str:
         best = _best_ours(d)
         timed = best is not None and best.mode == "fwdbwd"
         base = d.get("base")
-        r1 = f"{best.ms_median / base.ms_median:.3g}×" if timed and base and base.mode == "fwdbwd" else "-"
+        r1 = (f"{best.ms_median / base.ms_median:.3g}× ({best.provider})" if timed and base and base.mode == "fwdbwd"
+              else "-")
         ratios = []
         for bl in baselines:
             other = d.get(bl)
@@ -639,6 +679,164 @@ def saved_bytes_table(by_shape: dict, providers: list[str]) -> str:
         cells = [("-" if d.get(prov) is None else d[prov].mode if d[prov].mode in ("invalid", "skipped")
                   else _mib(d[prov].saved_bytes)) for prov in providers]
         lines.append(f"| {kind} | {name} | {m} | {k}→{n} | {r} | {p} | {dt} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def validation_table(rows: list[Row]) -> str:
+    """Every provider at every shape: its max relative error (y and every gradient) against the
+    reference and the tolerance, or why it is invalid or skipped."""
+    by_shape = _group(rows, modes=("fwdbwd", "fwd", "bwd", "saved", "invalid", "skipped"))
+    providers = [p for p in PROVIDERS if any(p in d for d in by_shape.values())]
+    head = "| kind | projection | tokens | K→N | r | p | dtype | " + " | ".join(providers) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for key, d in by_shape.items():
+        kind, name, m, k, n, r, p, dt = key
+        cells = []
+        for prov in providers:
+            row = d.get(prov)
+            if row is None:
+                cells.append("-")
+            elif row.mode == "skipped":
+                cells.append("skipped")
+            elif row.mode == "invalid":
+                cells.append("**INVALID**")
+            else:
+                cells.append(f"ok {row.extra.get('rel_err', float('nan')):.0e}")
+        lines.append(f"| {kind} | {name} | {m} | {k}→{n} | {r} | {p} | {dt} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _stable(row: Row) -> bool:
+    """A timed figure worth showing: on a GPU always; on a CPU when it had enough repetitions and its
+    p20-p80 spread is within CPU_MAX_SPREAD of the median."""
+    return row.extra.get("stable", True)
+
+
+def cpu_timing_table(rows: list[Row], mode: str = "fwdbwd") -> str:
+    """CPU timings of the providers that were timed (eager torch code; not the interpreter): the
+    median, its p20-p80 spread and the number of repetitions, and the time relative to the floor."""
+    timed = [r for r in rows if r.mode == mode]
+    by_shape: dict[tuple, dict[str, Row]] = {}
+    for r in timed:
+        by_shape.setdefault(shape_key(r.shape), {})[r.provider] = r
+    providers = [p for p in PROVIDERS if any(p in d for d in by_shape.values())]
+    if not providers:
+        return "(nothing was timed)"
+    head = ("| kind | projection | tokens | r | p | dtype | "
+            + " | ".join(f"{p}: median ms [p20–p80] (reps)" for p in providers)
+            + " | " + " | ".join(f"{p} / base" for p in providers if p != "base") + " |")
+    fewest = min(len(r.times_ms) for r in timed)
+    lines = [f"Median of {fewest} or more timed calls on {CPU_THREADS} thread(s), p20–p80 in brackets, "
+             f"repetitions in parentheses; a figure whose spread exceeds {CPU_MAX_SPREAD:.0%} of its median "
+             "(another job sharing the CPU) is marked unstable and left out of the ratios and the plot.", "",
+             head, "|" + "---|" * (head.count("|") - 1)]
+    for key, d in by_shape.items():
+        kind, name, m, _, _, r, p, dt = key
+
+        def cell(q):
+            if q not in d:
+                return "-"
+            row = d[q]
+            text = f"{row.ms_median:.3f} [{row.ms_p20:.3f}–{row.ms_p80:.3f}] ({len(row.times_ms)})"
+            return text if _stable(row) else f"unstable: {text}"
+
+        cells = [cell(q) for q in providers]
+        base = d.get("base")
+        rel = [(f"{d[q].ms_median / base.ms_median:.3g}×" if q in d and base and _stable(d[q]) and _stable(base)
+                else "-") for q in providers if q != "base"]
+        lines.append(f"| {kind} | {name} | {m} | {r} | {p} | {dt} | " + " | ".join(cells + rel) + " |")
+    return "\n".join(lines)
+
+
+def modeled_section(shapes: list[dict]) -> str:
+    """The modeled GPU ratios, from the compile-level performance report (lora_kernels.perf, issue 11).
+
+    LEAD: plug ``lora_kernels.perf.modeled_ratios(...)`` and ``lora_kernels.perf.markdown(rows)``
+    in here (this function is the one place; its caller labels the section "modeled"). Until then it
+    says plainly that no modeled figure is available; it never prints a number it did not get."""
+    try:
+        from . import perf  # noqa: F401  (provided by another branch)
+    except ImportError:
+        return ("No modeled GPU figures in this build (`lora_kernels.perf` is not installed). "
+                "Nothing here was measured on a GPU.")
+    # LEAD: replace with perf.markdown(perf.modeled_ratios(...)) for `shapes`
+    return ("`lora_kernels.perf` is installed but not yet wired into this report "
+            "(lora_kernels/benchmark.py: modeled_section).")
+
+
+def cpu_report(rows: list[Row]) -> str:
+    """What is true on a CPU, for the terminal and bench.md: validation of every path, the exact
+    saved-for-backward bytes, CPU timings of the eager providers, and the (modeled) GPU section."""
+    by_shape = _group(rows)
+    providers = [p for p in PROVIDERS if any(p in d for d in by_shape.values())]
+    shapes = [r.shape for r in rows]
+    shapes = list({shape_key(sd): sd for sd in shapes}.values())
+    parts = [
+        "## 1. Validation (measured): max relative error of y and every gradient against the reference",
+        "", validation_table(rows), "",
+        "## 2. Bytes saved for backward per layer (measured, exact; the same on any device)", "",
+        saved_bytes_table(by_shape, providers).split("\n", 2)[2], "",
+        "## 3. CPU timings (measured on this CPU; forward + backward; they say nothing about GPU speed)", "",
+        *(["The Triton paths run in Triton's CPU interpreter here: validated above, not timed.", ""]
+          if any(r.extra.get("not_timed") for r in rows) else []),
+        cpu_timing_table(rows), "",
+        "## 4. Modeled GPU ratios (modeled, not measured)", "",
+        modeled_section(shapes),
+    ]
+    return "\n".join(parts)
+
+
+def model_saved_bytes(targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                      rank: int = 8, dropout: float = 0.1, batch: int = 2, seq: int = 64) -> dict | None:
+    """Bytes saved for backward by one training forward of a whole model (a small Llama built from a
+    config: 2 layers, hidden 128, FFN 448, fp32; no download), LoRA on ``targets``: ours vs PEFT's
+    layers. Exact (saved_tensors_hooks; parameters excluded, each storage
+    counted once). None when transformers is not installed; the PEFT figure is None without peft."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    from . import LoraConfig, inject
+
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=448, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=seq)
+    ids = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+    def build():
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg).train()
+        model.requires_grad_(False)
+        return model
+
+    def measure(model):
+        known = {p.data_ptr() for p in model.parameters()}
+        return saved_bytes(lambda: model(input_ids=ids).logits.float().sum(), known)
+
+    out = {"model": "Llama (2 layers, hidden 128, FFN 448, fp32)", "tokens": batch * seq, "targets": list(targets),
+           "rank": rank, "dropout": dropout, "layers": 2 * len(targets)}
+    ours = build()
+    inject(ours, LoraConfig(rank=rank, alpha=2 * rank, dropout=dropout, target_modules=list(targets)))
+    out["ours"] = measure(ours)
+    try:
+        import peft
+        model = peft.get_peft_model(build(), peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout,
+                                                             target_modules=list(targets)))
+        out["peft"] = measure(model.train())
+    except Exception as exc:  # peft missing or another version's API: said, not hidden
+        out["peft"] = None
+        out["peft_reason"] = f"{type(exc).__name__}: {exc}"[:200]
+    return out
+
+
+def model_saved_markdown(d: dict) -> str:
+    lines = [f"Whole model, bytes saved for backward by one training forward (exact): {d['model']}, "
+             f"{d['tokens']} tokens, LoRA r={d['rank']} p={d['dropout']} on {', '.join(d['targets'])} "
+             f"({d['layers']} layers):", "",
+             "| ours | PEFT | PEFT − ours |", "|---|---|---|"]
+    peft_b = d.get("peft")
+    diff = _mib(peft_b - d["ours"]) if peft_b is not None else "-"
+    lines.append(f"| {_mib(d['ours'])} | "
+                 f"{_mib(peft_b) if peft_b is not None else 'n/a (' + d.get('peft_reason', '') + ')'} | {diff} |")
     return "\n".join(lines)
 
 
@@ -675,9 +873,12 @@ def hardware_line(meta: dict) -> str:
 def report_markdown(rows: list[Row], meta: dict) -> str:
     parts = [f"# lora-kernels bench: {hardware_line(meta)}", ""]
     if meta.get("device") != "cuda":
-        parts += [f"**{CPU_NOTE}**", ""]
-    parts += ["Summary (forward + backward):", "", markdown_table(rows), "", "All figures:", "",
-              markdown_details(rows)]
+        parts += [f"**{CPU_NOTE}**", "", cpu_report(rows), ""]
+    else:
+        parts += ["Summary (forward + backward, measured on this GPU):", "", markdown_table(rows), ""]
+    parts += ["All figures:", "", markdown_details(rows)]
+    if meta.get("model_saved"):
+        parts += ["", model_saved_markdown(meta["model_saved"])]
     return "\n".join(parts) + "\n"
 
 
@@ -759,10 +960,54 @@ def _baseline_for(rows_of_group) -> str | None:
     return next((b for b in ("unfused", "peft", "compile", "base") if b in have), None)
 
 
-def write_plots(rows: list[Row], out_dir: str, log=print, cpu: bool = False) -> list[str]:
-    """speedup.png (fwd+bwd speed-up over the eager baseline vs tokens, one panel per projection and
-    configuration) and memory.png (bytes saved for backward, and CUDA peak memory, per provider).
-    Without matplotlib: a message and no files."""
+def _shape_label(sd: dict) -> str:
+    kind = "DoRA" if sd.get("dora") else "LoRA"
+    return f"{kind} {sd['name']}, {sd['m']} tokens, r={sd['r']}, p={sd['dropout_p']}"
+
+
+def _where(meta: dict | None) -> str:
+    meta = meta or {}
+    return meta.get("gpu") or (meta.get("cpu") or "CPU")
+
+
+def _hbar_panel(ax, labels, series, xlabel, log_x=True, errors=None, annotate=None):
+    """Grouped horizontal bars: one row per label, one bar per series (provider), legible labels."""
+    import numpy as np
+
+    n = max(len(series), 1)
+    height = 0.8 / n
+    ypos = np.arange(len(labels))
+    for si, (prov, values) in enumerate(series.items()):
+        ys = ypos + (si - (n - 1) / 2) * height
+        vals = [v if v is not None else float("nan") for v in values]
+        xerr = None
+        if errors is not None and prov in errors:
+            xerr = np.array(errors[prov], dtype=float).T
+        ax.barh(ys, vals, height=height, label=prov, color=_COLORS.get(prov), xerr=xerr, capsize=2)
+        if annotate is not None:
+            for y, v in zip(ys, values):
+                if v is not None:
+                    ax.text(v if v > 0 else 0, y, " " + annotate(v), va="center", fontsize=7)
+    ax.set_yticks(ypos)
+    ax.set_yticklabels(labels, fontsize=9)
+    ax.invert_yaxis()
+    if log_x:
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.grid(axis="x", which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def write_plots(rows: list[Row], out_dir: str, log=print, cpu: bool = False, meta: dict | None = None) -> list[str]:
+    """PNG plots, one message each, titled with the hardware, dtype and what is measured:
+    memory.png (bytes saved for backward per layer: exact, on any device); on a GPU speedup.png
+    (fwd+bwd speed-up over the eager baseline vs tokens); on a CPU cpu_times.png (CPU timings of the
+    eager providers, median with the p20-p80 spread; the interpreter-run Triton paths are not
+    timed). Without matplotlib: a message and no files."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -771,14 +1016,81 @@ def write_plots(rows: list[Row], out_dir: str, log=print, cpu: bool = False) -> 
         log("matplotlib is not installed: no PNG plots (pip install matplotlib); the JSON and tables are written")
         return []
     written = []
-    timed = [r for r in rows if r.mode == "fwdbwd"]
-    groups: dict[tuple, list[Row]] = {}
-    for r in timed:
-        s = r.shape
-        groups.setdefault(("DoRA" if s["dora"] else "LoRA", s["r"], s["dropout_p"], s["dtype"]), []).append(r)
-    names = list(dict.fromkeys(r.shape["name"] for r in timed))
-    if groups and names:
-        fig, axes = plt.subplots(len(groups), len(names), figsize=(4.2 * len(names), 3.3 * len(groups)),
+    where = _where(meta)
+    dtypes = ", ".join(dict.fromkeys(r.shape["dtype"] for r in rows)) or "-"
+
+    # --- memory.png: exact bytes saved for backward (log axis: 0.5 KiB to MiB) --------------------
+    mem = [r for r in rows if r.mode in ("fwdbwd", "saved") and r.saved_bytes is not None]
+    if mem:
+        labels = list(dict.fromkeys(_shape_label(r.shape) for r in mem))
+        provs = [p for p in PROVIDERS if any(r.provider == p for r in mem)]
+        series = {}
+        for prov in provs:
+            vals = []
+            for lab in labels:
+                hit = [r.saved_bytes for r in mem if r.provider == prov and _shape_label(r.shape) == lab]
+                vals.append(hit[0] / 1024 if hit else None)
+            series[prov] = vals
+        # zero bytes (the frozen floor saves nothing beyond x) cannot sit on a log axis: annotate
+        positive = [v for vals in series.values() for v in vals if v]
+        lo = min(positive) / 2 if positive else 0.1
+        fig, ax = plt.subplots(figsize=(10, 1.0 + 0.45 * len(labels) * max(1, len(provs)) / 2.5))
+        shown = {p: [(v if v else lo) if v is not None else None for v in vals] for p, vals in series.items()}
+        _hbar_panel(ax, labels, shown, "KiB saved for backward beyond x and the parameters (log scale)",
+                    annotate=None)
+        for si, (prov, vals) in enumerate(series.items()):
+            n = len(series)
+            for li, v in enumerate(vals):
+                if v is not None:
+                    y = li + (si - (n - 1) / 2) * (0.8 / n)
+                    ax.text(shown[prov][li], y, f" {v:.1f}" if v else " 0", va="center", fontsize=7)
+        ax.set_title(f"Bytes saved for backward per layer — measured, exact (the same on any device)\n"
+                     f"{where}; {dtypes}", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "memory.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    timed = [r for r in rows if r.mode == "fwdbwd" and _stable(r)]
+    if cpu and timed:
+        # --- cpu_times.png: CPU timings of eager code, median and p20-p80 (log axis) ---------------
+        labels = list(dict.fromkeys(_shape_label(r.shape) for r in timed))
+        provs = [p for p in PROVIDERS if any(r.provider == p for r in timed)]
+        series, errors = {}, {}
+        for prov in provs:
+            vals, errs = [], []
+            for lab in labels:
+                hit = [r for r in timed if r.provider == prov and _shape_label(r.shape) == lab]
+                if hit:
+                    r = hit[0]
+                    vals.append(r.ms_median)
+                    errs.append((max(r.ms_median - r.ms_p20, 0.0), max(r.ms_p80 - r.ms_median, 0.0)))
+                else:
+                    vals.append(None)
+                    errs.append((0.0, 0.0))
+            series[prov], errors[prov] = vals, errs
+        fig, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * len(labels) * max(1, len(provs)) / 2.5))
+        _hbar_panel(ax, labels, series, "forward + backward, ms (median, bars: p20–p80; log scale)", errors=errors)
+        untimed = sorted({r.provider for r in rows if r.extra.get("not_timed")})
+        unstable = sum(1 for r in rows if r.mode == "fwdbwd" and not _stable(r))
+        ax.set_title(f"CPU timings — measured on {where}, {CPU_THREADS} thread, {dtypes}\n"
+                     "(they say nothing about GPU speed)\n"
+                     + (f"not timed (Triton interpreter): {', '.join(untimed)}; " if untimed else "")
+                     + (f"{unstable} unstable figure(s) left out" if unstable else "all figures stable"), fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "cpu_times.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    elif timed:
+        # --- speedup.png (GPU): fwd+bwd speed-up over the eager baseline vs tokens ------------------
+        groups: dict[tuple, list[Row]] = {}
+        for r in timed:
+            sd = r.shape
+            groups.setdefault(("DoRA" if sd["dora"] else "LoRA", sd["r"], sd["dropout_p"], sd["dtype"]), []).append(r)
+        names = list(dict.fromkeys(r.shape["name"] for r in timed))
+        fig, axes = plt.subplots(len(groups), len(names), figsize=(4.6 * len(names), 3.6 * len(groups)),
                                  squeeze=False)
         for gi, (gkey, grows) in enumerate(groups.items()):
             bl = _baseline_for(grows)
@@ -793,50 +1105,17 @@ def write_plots(rows: list[Row], out_dir: str, log=print, cpu: bool = False) -> 
                                  if r.shape["name"] == name and r.provider == prov and r.shape["m"] in ref)
                     if pts:
                         ax.plot(*zip(*pts), marker="o", label=prov, color=_COLORS[prov])
-                ax.legend(fontsize=6)
+                ax.legend(fontsize=8)
                 ax.axhline(1.0, color="gray", lw=0.8)
                 ax.set_xscale("log", base=2)
-                ax.set_title(f"{gkey[0]} {name} r={gkey[1]} p={gkey[2]} {gkey[3]}", fontsize=8)
-                ax.set_xlabel("tokens")
+                ax.set_title(f"{gkey[0]} {name} r={gkey[1]} p={gkey[2]} {gkey[3]}", fontsize=9)
+                ax.set_xlabel("tokens", fontsize=9)
                 if ni == 0:
-                    ax.set_ylabel(f"fwd+bwd speed-up over {bl}")
-        if cpu:
-            fig.suptitle("CPU timings: they say nothing about GPU speed", color="red")
+                    ax.set_ylabel(f"fwd+bwd speed-up over {bl}", fontsize=9)
+        fig.suptitle(f"GPU timings — measured on {where}: speed-up over the eager baseline (higher is better)",
+                     fontsize=11)
         fig.tight_layout()
         path = os.path.join(out_dir, "speedup.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    mem = [r for r in rows if r.mode in ("fwdbwd", "saved") and r.saved_bytes is not None]
-    if mem:
-        labels = list(dict.fromkeys(" ".join(str(v) for v in shape_key(r.shape)[:3]) + f" r{r.shape['r']}"
-                                    f" p{r.shape['dropout_p']}" for r in mem))
-        provs = [p for p in PROVIDERS if any(r.provider == p for r in mem)]
-        has_peak = any(r.peak_mem_mb is not None for r in mem)
-        fig, axes = plt.subplots(1, 2 if has_peak else 1, figsize=(max(6.0, 0.9 * len(labels) * len(provs) / 3), 4.5),
-                                 squeeze=False)
-        width = 0.8 / len(provs)
-        for pi, prov in enumerate(provs):
-            for ai, (attr, scale) in enumerate([("saved_bytes", 2**-20), ("peak_mem_mb", 1.0)][:axes.shape[1]]):
-                xs, ys = [], []
-                for li, lab in enumerate(labels):
-                    for r in mem:
-                        lab_r = " ".join(str(v) for v in shape_key(r.shape)[:3]) + \
-                            f" r{r.shape['r']} p{r.shape['dropout_p']}"
-                        if r.provider == prov and lab_r == lab and getattr(r, attr) is not None:
-                            xs.append(li + pi * width)
-                            ys.append(getattr(r, attr) * scale)
-                if xs:
-                    axes[0][ai].bar(xs, ys, width=width, label=prov, color=_COLORS[prov])
-        titles = ["saved for backward beyond x and parameters (MiB, exact)", "peak CUDA memory of fwd+bwd (MiB)"]
-        for ai in range(axes.shape[1]):
-            ax = axes[0][ai]
-            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
-            ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=6)
-            ax.set_title(titles[ai], fontsize=9)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(out_dir, "memory.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
@@ -896,9 +1175,12 @@ def progress_available() -> bool:
 
 def run_bench(shapes: list[Shape], providers, device: str, modes=MODES, *, out_dir: str | None = None,
               budget_s: float | None = None, progress: bool = True, plots: bool = True,
-              compile_backend: str = "inductor", timer=None, log=print, meta_extra: dict | None = None):
+              compile_backend: str = "inductor", timer=None, log=print, meta_extra: dict | None = None,
+              untimed=(), model_bench: bool = False):
     """Runs every shape (most important first: a time budget cuts the tail), writing bench.json after
-    each shape, then bench.md and the plots. Returns (rows, meta, files written)."""
+    each shape, then bench.md and the plots. ``untimed`` providers are validated and their bytes
+    measured, not timed; ``model_bench`` adds the whole-model saved bytes (:func:`model_saved_bytes`).
+    Returns (rows, meta, files written)."""
     meta = {**env_info(), "providers": list(providers), "modes": list(modes), "compile_backend": compile_backend,
             "shapes_total": len(shapes), **(meta_extra or {})}
     if device != "cuda":
@@ -922,7 +1204,8 @@ def run_bench(shapes: list[Shape], providers, device: str, modes=MODES, *, out_d
                 def save(shape_rows, done_rows=list(rows)):  # a kill mid-shape keeps the providers done
                     write_results(done_rows + shape_rows, os.path.join(out_dir, "bench.json"), meta)
             rows += run_shape(shape, providers, device, modes, timer=timer, compile_backend=compile_backend,
-                              deadline=deadline, on_provider=lambda s, p: bar.step(f"{s} {p}"), on_rows=save)
+                              deadline=deadline, on_provider=lambda s, p: bar.step(f"{s} {p}"), on_rows=save,
+                              untimed=untimed)
             done += 1
             meta["shapes_done"] = done
             if out_dir:
@@ -930,6 +1213,8 @@ def run_bench(shapes: list[Shape], providers, device: str, modes=MODES, *, out_d
     finally:
         bar.close()
     meta["shapes_done"] = done
+    if model_bench:
+        meta["model_saved"] = model_saved_bytes()
     if out_dir:
         path = os.path.join(out_dir, "bench.json")
         write_results(rows, path, meta)
@@ -939,5 +1224,5 @@ def run_bench(shapes: list[Shape], providers, device: str, modes=MODES, *, out_d
             f.write(report_markdown(rows, meta))
         files.append(md)
         if plots:
-            files += write_plots(rows, out_dir, log=log, cpu=device != "cuda")
+            files += write_plots(rows, out_dir, log=log, cpu=device != "cuda", meta=meta)
     return rows, meta, files

@@ -72,6 +72,9 @@ def run_check(device: str | None = None, grid: list[LoraCase] | None = None, pat
     else:
         out(f"# {torch.cuda.get_device_name()}: every path on {len(grid)} cases")
     out("# error: ||out - ref|| / ||ref|| against the float64 reference (same inputs, same dropout mask)")
+    out("# case: M tokens (BxM: x is 3-D, a batch of B sequences of M), N outputs, K inputs, r rank, dtype,")
+    out("#       p dropout; +bias: with a bias; nc: x non-contiguous (a transposed view, stride along K != 1);")
+    out("#       DoRA: magnitude-direction adapter. qty: y or the gradient dx, dA, dB, dm (DoRA), db (bias)")
     if summary:
         out(f"{'path':8} {'case':52} {'max rel err':>11} {'(qty)':6} {'tol':>8}  result")
     else:

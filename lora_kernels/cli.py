@@ -12,13 +12,30 @@ def _cmd_info(args) -> int:
 
     from . import __version__
     from ._triton_env import is_interpreter, triton_version
-    from .backends import ENV_VAR, requested_backend
+    from ._versions import tested_pair_line
+    from .backends import ENV_VAR, requested_backend, resolve_backend
 
     print(f"lora_kernels {__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, triton {triton_version() or 'not installed'}")
+    print(tested_pair_line(torch.__version__, triton_version()))
     cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     print(f"CUDA device: {cuda}; Triton interpreter: {'on' if is_interpreter() else 'off'}")
-    print(f"backend: {requested_backend(None)} (from ${ENV_VAR} or default 'auto')")
+    try:
+        requested = requested_backend(None)
+    except ValueError as exc:
+        print(f"backend: invalid ${ENV_VAR}: {exc}")
+        return 2
+    print(f"backend: {requested} (from ${ENV_VAR} if set, else the default 'auto')")
+    # What that resolves to here, for a float32 layer on each device this machine has (the choice
+    # also depends on dtype and rank: float64 and ranks > 256 use torch; see lora_kernels/backends.py).
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        x = torch.empty(16, 64, device=device)
+        try:
+            impl = resolve_backend(requested, x, 64, 8)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            impl = f"error: {exc}"
+        print(f"  {requested!r} on {device} tensors (float32, rank 8) -> {impl}")
     return 0
 
 
@@ -84,7 +101,9 @@ def _cmd_bench(args) -> int:
         for p in providers:
             if p not in bm.PROVIDERS:
                 raise ValueError(f"--providers: {p!r} is not one of {', '.join(bm.PROVIDERS)}")
-        modes = [] if args.saved_bytes_only else (_csv(args.modes) or list(bm.MODES))
+        # On a CPU only forward + backward is timed by default (one stable figure per provider and shape)
+        default_modes = list(bm.MODES) if device == "cuda" else ["fwdbwd"]
+        modes = [] if args.saved_bytes_only else (_csv(args.modes) or default_modes)
         for mode in modes:
             if mode not in bm.MODES:
                 raise ValueError(f"--modes: {mode!r} is not one of {', '.join(bm.MODES)}")
@@ -96,7 +115,7 @@ def _cmd_bench(args) -> int:
         quick = preset == "quick"
         timer = bm.make_timer("cuda", warmup_ms=10 if quick else 25, rep_ms=40 if quick else 100)
     else:
-        timer = bm.make_timer("cpu", cpu_reps=args.reps or 2)
+        timer = bm.make_timer("cpu", cpu_reps=args.reps)
         print(f"# {bm.CPU_NOTE}")
         if not args.providers:
             print("# torch.compile is left out on CPU by default (Inductor takes ~20 s per shape there); "
@@ -104,12 +123,17 @@ def _cmd_bench(args) -> int:
     print(f"# {'custom grid' if custom else 'preset ' + preset}: {len(shapes)} shapes x {len(providers)} providers "
           f"({', '.join(providers)}), "
           f"modes {', '.join(modes) or 'none (saved bytes only)'}")
+    untimed = () if device == "cuda" or args.time_interpreter else bm.INTERPRETED_PROVIDERS
     rows, meta, files = bm.run_bench(shapes, providers, device, modes, out_dir=args.out, budget_s=args.budget,
                                      progress=not args.no_progress, plots=not args.no_plots,
                                      compile_backend=args.compile_backend, timer=timer,
-                                     meta_extra={"preset": "custom" if custom else preset, "argv": args.argv})
+                                     meta_extra={"preset": "custom" if custom else preset, "argv": args.argv},
+                                     untimed=untimed, model_bench=not args.no_model)
     print(f"# {bm.hardware_line(meta)}")
-    print(bm.markdown_table(rows))
+    print(bm.cpu_report(rows) if device != "cuda" else bm.markdown_table(rows))
+    if meta.get("model_saved"):
+        print()
+        print(bm.model_saved_markdown(meta["model_saved"]))
     if args.details:
         print()
         print(bm.markdown_details(rows))
@@ -130,13 +154,30 @@ def _cmd_finetune(args) -> int:
     return run(args)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every option's default (those without a help text too; a help text that already
+    says its default is kept as written), and descriptions keep their line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text.lower():
+            return text
+        if action.default is False and action.nargs == 0:
+            return f"{text} (default: off)".strip()
+        if action.default is None:
+            return f"{text} (default: none)".strip()
+        return f"{text} (default: %(default)s)".strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="lora-kernels",
         description="Fused Triton kernels for LoRA: validation, benchmarks and information.",
+        formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p_info = sub.add_parser("info", help="versions, device, and the backend that would be used")
+    p_info = sub.add_parser("info", help="versions, device, and the backend that would be used",
+                            formatter_class=HelpFormatter)
     p_info.set_defaults(func=_cmd_info)
 
     p_check = sub.add_parser(
@@ -146,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                     "float64 reference over a grid of shapes, ranks, dtypes and dropout rates, and prints a table "
                     "(path, case, relative error, tolerance, pass/fail); exits non-zero on any failure. Without a "
                     "GPU the Triton paths run in Triton's CPU interpreter on a small grid.",
+        formatter_class=HelpFormatter,
     )
-    p_check.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    p_check.add_argument("--paths", default=None, help="comma-separated subset of torch,fused,hybrid")
+    p_check.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
+    p_check.add_argument("--paths", default=None, help="comma-separated subset of torch,fused,hybrid (default: all three)")
     p_check.add_argument("--grid", choices=["quick", "small", "gpu"], default=None,
                          help="cases to run (default: gpu on CUDA, small on CPU)")
     p_check.add_argument("--quick", action="store_true", help="the quick grid (4 cases, seconds in the interpreter)")
@@ -165,32 +207,43 @@ def main(argv: list[str] | None = None) -> int:
                     "hardware, versions, git commit, date), bench.md and PNG plots to --out. Presets: full (GPU "
                     "default: Llama-3-8B projections), quick (GPU --quick), cpu (CPU default: 1/32-scale shapes), "
                     "cpu-quick (CPU --quick). CPU timings say nothing about GPU speed; saved-for-backward bytes "
-                    "are exact on any device.",
+                    "are exact on any device. On a CPU the Triton paths run in Triton's interpreter: they are "
+                    "validated and their bytes measured, not timed; the eager providers are timed with enough "
+                    "repetitions for a median and its p20-p80 spread.",
+        formatter_class=HelpFormatter,
     )
-    p_bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    p_bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     p_bench.add_argument("--quick", action="store_true", help="a small preset (quick on a GPU, cpu-quick on CPU)")
-    p_bench.add_argument("--preset", choices=["full", "quick", "cpu", "cpu-quick"], default=None)
+    p_bench.add_argument("--preset", choices=["full", "quick", "cpu", "cpu-quick"], default=None,
+                         help="default: full on a GPU, cpu on a CPU (quick / cpu-quick with --quick)")
     p_bench.add_argument("--projections", default=None,
                          help="comma-separated IN x OUT (e.g. 4096x1024) or Llama-3-8B names: q/o, k/v, gate/up, down")
-    p_bench.add_argument("--tokens", default=None, help="comma-separated token counts (M)")
-    p_bench.add_argument("--ranks", default=None, help="comma-separated ranks")
-    p_bench.add_argument("--dropouts", default=None, help="comma-separated dropout rates")
-    p_bench.add_argument("--dtypes", default=None, help="comma-separated subset of bfloat16,float16,float32")
-    p_bench.add_argument("--kinds", default=None, help="lora, dora or lora,dora (with a custom grid; default lora)")
+    p_bench.add_argument("--tokens", default=None, help="comma-separated token counts (M); default: the preset's")
+    p_bench.add_argument("--ranks", default=None, help="comma-separated ranks; default: the preset's")
+    p_bench.add_argument("--dropouts", default=None, help="comma-separated dropout rates; default: the preset's")
+    p_bench.add_argument("--dtypes", default=None,
+                         help="comma-separated subset of bfloat16,float16,float32; default: the preset's")
+    p_bench.add_argument("--kinds", default=None, help="lora, dora or lora,dora (with a custom grid; default: lora)")
     p_bench.add_argument("--providers", default=None,
                          help="comma-separated subset of base,unfused,peft,compile,torch,fused,hybrid "
-                              "(default GPU: base,unfused,peft,fused,hybrid,compile; CPU: no compile, plus torch)")
-    p_bench.add_argument("--modes", default=None, help="comma-separated subset of fwd,bwd,fwdbwd (default: all)")
+                              "(default: base,unfused,peft,fused,hybrid,compile on a GPU; on a CPU no compile, plus torch)")
+    p_bench.add_argument("--modes", default=None, help="comma-separated subset of fwd,bwd,fwdbwd (default: all on a GPU, fwdbwd on a CPU)")
     p_bench.add_argument("--saved-bytes-only", action="store_true",
                          help="validate and measure bytes saved for backward, no timing (exact on CPU too)")
-    p_bench.add_argument("--out", default="bench_out", help="output folder (default: ./bench_out)")
+    p_bench.add_argument("--out", default="bench_out", help="output folder")
     p_bench.add_argument("--budget", type=float, default=None,
                          help="seconds: start no new shape (or provider) after this; results so far are kept")
-    p_bench.add_argument("--reps", type=int, default=None, help="CPU only: timed repetitions per figure")
-    p_bench.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    p_bench.add_argument("--reps", type=int, default=None,
+                         help="CPU only: timed repetitions per figure (default: at least 30 and at least 0.25 s)")
+    p_bench.add_argument("--time-interpreter", action="store_true",
+                         help="CPU only: time the Triton paths in the interpreter too (their times mean nothing "
+                              "about GPU speed; for debugging)")
+    p_bench.add_argument("--no-model", action="store_true",
+                         help="leave out the whole-model saved-bytes figure (a small Llama built from a config)")
+    p_bench.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     p_bench.add_argument("--details", action="store_true", help="also print every figure (as in bench.md)")
-    p_bench.add_argument("--no-plots", action="store_true")
-    p_bench.add_argument("--no-progress", action="store_true")
+    p_bench.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    p_bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p_bench.add_argument("--allow-large-on-cpu", action="store_true",
                          help="run the full or quick (Llama-3-8B) preset on CPU anyway, e.g. with --saved-bytes-only")
     p_bench.set_defaults(func=_cmd_bench)
@@ -200,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     p_ft = sub.add_parser(
         "finetune",
         help="fine-tune a real pretrained model on real data (offline), report, save the adapter",
-        description=finetune_doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=finetune_doc, formatter_class=HelpFormatter,
     )
     finetune_parser(p_ft)
     p_ft.set_defaults(func=_cmd_finetune)

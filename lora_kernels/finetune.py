@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import csv
 import importlib.util
+import io
 import json
 import math
 import os
@@ -68,31 +69,141 @@ def load_bbc_news() -> tuple[list[str], list[str]]:
     return texts, labels
 
 
-def load_labelled_file(path: str) -> tuple[list[str], list[str]]:
-    """(texts, labels) from a CSV with columns text,label or a JSONL of {"text": ..., "label": ...}."""
+MAX_FIELD_BYTES = 16 * 2**20  # a CSV field up to 16 MiB is read (the tokenizer truncates the text anyway)
+MAX_JSON_DEPTH = 64  # JSONL rows are flat objects; deeper nesting is refused before json parses it
+
+
+def _data_error(path: str, where: str, what: str) -> SystemExit:
+    return SystemExit(f"lora-kernels finetune: --data {path}: {where}: {what}")
+
+
+def _read_text(path: str, encoding: str) -> str:
+    """The whole file decoded; a UTF-8 byte-order mark is dropped. A decoding error names the line
+    and byte and suggests --encoding."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    codec = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+    try:
+        return raw.decode(codec)
+    except LookupError:
+        raise SystemExit(f"lora-kernels finetune: --encoding: unknown encoding {encoding!r}") from None
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise _data_error(path, f"line {line}", f"byte 0x{raw[exc.start]:02x} at offset {exc.start} is not valid "
+                          f"{encoding} ({exc.reason}); pass the file's encoding, e.g. --encoding latin-1") from None
+
+
+def _json_depth_exceeds(line: str, limit: int) -> bool:
+    """True if brackets nest deeper than ``limit`` (strings skipped): checked before json.loads, whose
+    recursion would otherwise end in a RecursionError."""
+    depth, in_str, escaped = 0, False, False
+    for ch in line:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
+def _check_label(path, where, label, first):
+    """A label is a non-empty string or an integer (not null, bool, float, list or object), and every
+    label of a file has the same kind: 1 and "1" are not silently merged into one class."""
+    if label is None:
+        raise _data_error(path, where, "field 'label' is null (missing); every example needs a label")
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise _data_error(path, where, f"field 'label' must be a string or an integer, got "
+                          f"{type(label).__name__} {label!r}"[:200])
+    if isinstance(label, str) and not label.strip():
+        raise _data_error(path, where, "field 'label' is empty")
+    if first is not None and type(label) is not type(first[1]):
+        raise _data_error(path, where, f"field 'label' is {label!r} ({type(label).__name__}) but {first[0]} has "
+                          f"{first[1]!r} ({type(first[1]).__name__}); use one kind for every label (1 and \"1\" "
+                          "would otherwise become one class)")
+
+
+def _check_text(path, where, text):
+    if text is None:
+        raise _data_error(path, where, "field 'text' is missing or null")
+    if not isinstance(text, str):
+        raise _data_error(path, where, f"field 'text' must be a string, got {type(text).__name__}")
+
+
+def load_labelled_file(path: str, encoding: str = "utf-8") -> tuple[list[str], list[str]]:
+    """(texts, labels) from a CSV with a header naming columns text and label, or a JSONL (``.jsonl``)
+    of {"text": ..., "label": ...} objects. Hostile input gets an error naming the file, the line and
+    the field: undecodable bytes (see ``encoding``; a UTF-8 byte-order mark is accepted), fields over
+    16 MiB, nesting deeper than 64, a missing / null / empty label, labels of mixed kinds (1 and "1")."""
     if not os.path.isfile(path):
         raise SystemExit(f"--data: file not found: {path}")
+    content = _read_text(path, encoding)
     texts, labels = [], []
+    first = None  # (where, label) of the first example
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    texts.append(str(row["text"]))
-                    labels.append(str(row["label"]))
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise SystemExit(f"--data {path}: line {i} is not a JSON object with text and label ({exc})")
+        for i, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"line {i}"
+            if _json_depth_exceeds(line, MAX_JSON_DEPTH):
+                raise _data_error(path, where, f"JSON nested deeper than {MAX_JSON_DEPTH} levels; a row is a flat "
+                                  "object {\"text\": ..., \"label\": ...}")
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise _data_error(path, where, f"not valid JSON ({exc})"[:300]) from None
+            if not isinstance(row, dict):
+                raise _data_error(path, where, f"expected a JSON object with fields text and label, got "
+                                  f"{type(row).__name__}")
+            _check_text(path, where, row.get("text"))
+            if "label" not in row:
+                raise _data_error(path, where, "field 'label' is missing; every example needs a label")
+            _check_label(path, where, row["label"], first)
+            first = first or (where, row["label"])
+            texts.append(row["text"])
+            labels.append(str(row["label"]))
     else:
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or not {"text", "label"} <= set(reader.fieldnames):
+        old_limit = csv.field_size_limit()
+        csv.field_size_limit(MAX_FIELD_BYTES)
+        try:
+            reader = csv.DictReader(io.StringIO(content, newline=""))
+            try:
+                fields = reader.fieldnames
+            except csv.Error as exc:
+                raise _data_error(path, "line 1", f"not a CSV header ({exc})") from None
+            if fields is None or not {"text", "label"} <= {(f or "").strip() for f in fields}:
                 raise SystemExit(f"--data {path}: a CSV needs a header with columns 'text' and 'label', got "
-                                 f"{reader.fieldnames}")
-            for row in reader:
+                                 f"{fields}")
+            reader.fieldnames = [(f or "").strip() for f in fields]
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as exc:
+                    raise _data_error(path, f"line {reader.line_num}", f"{exc} (a field may be at most "
+                                      f"{MAX_FIELD_BYTES // 2**20} MiB)") from None
+                where = f"line {reader.line_num}"
+                _check_text(path, where, row.get("text"))
+                label = row.get("label")
+                if label is None:
+                    raise _data_error(path, where, "field 'label' is missing (the row has fewer columns than the "
+                                      "header)")
+                _check_label(path, where, label, first)
+                first = first or (where, label)
                 texts.append(row["text"])
-                labels.append(row["label"])
+                labels.append(label)
+        finally:
+            csv.field_size_limit(old_limit)
     if len(set(labels)) < 2:
         raise SystemExit(f"--data {path}: need at least two distinct labels, got {sorted(set(labels))}")
     return texts, labels
@@ -251,7 +362,7 @@ def run_classification(args) -> dict:
     device = torch.device(args.device)
     t_start = time.perf_counter()
     if args.data:
-        texts, labels = load_labelled_file(args.data)
+        texts, labels = load_labelled_file(args.data, getattr(args, "encoding", "utf-8"))
         data_name = os.path.basename(args.data)
     else:
         texts, labels = load_bbc_news()
@@ -466,6 +577,8 @@ def write_report(result: dict, out: str) -> str:
     if "peft" in result:
         curves["peft"] = result["peft"]["losses"]
     png = _plot_losses(curves, os.path.join(out, "loss.png"))
+    if png is None and os.path.isfile(os.path.join(out, "loss.png")):
+        os.remove(os.path.join(out, "loss.png"))  # a stale plot of an earlier run would be listed as this one's
     lines = [f"# lora-kernels finetune ({result['task']})", ""]
     if result["task"] == "classification":
         r = result
@@ -514,11 +627,9 @@ def write_report(result: dict, out: str) -> str:
                   f"| merged model generates the same text | {r['generation_identical_after_merge']} |",
                   "", "Greedy generation from the base model:", "", "```", r["base_generation"], "```",
                   "", "Greedy generation from the merged LoRA model:", "", "```", r["generation"], "```"]
-    if png:
-        lines += ["", "![loss](loss.png)"]
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"  # for the terminal: no markdown image line
     with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(text)
+        f.write(text + ("\n![loss](loss.png)\n" if png else ""))
     slim = {k: v for k, v in result.items()}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(slim, f, indent=1)
@@ -526,30 +637,39 @@ def write_report(result: dict, out: str) -> str:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="lora-kernels finetune", description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=["classification", "causal-lm"], default="classification")
+    if parser is None:
+        from .cli import HelpFormatter
+
+        parser = argparse.ArgumentParser(prog="lora-kernels finetune", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--task", choices=["classification", "causal-lm"], default="classification",
+                        help="what to fine-tune")
     parser.add_argument("--model", default=None, help="local Hugging Face model folder (default: all-MiniLM-L6-v2)")
-    parser.add_argument("--data", default=None, help="CSV (text,label) or JSONL; causal-lm: a text file")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--alpha", type=float, default=None, help="default 2·rank")
-    parser.add_argument("--dropout", type=float, default=0.0, help="adapter dropout (on a CPU the seeded mask costs time; default off, as in PEFT)")
-    parser.add_argument("--dora", action="store_true")
-    parser.add_argument("--rslora", action="store_true")
+    parser.add_argument("--data", default=None,
+                        help="classification: CSV with a header (text,label) or JSONL ({\"text\": ..., \"label\": ...} "
+                             "per line); causal-lm: a text file (default: the BBC News corpus / the bundled notes)")
+    parser.add_argument("--encoding", default="utf-8",
+                        help="text encoding of --data (a UTF-8 byte-order mark is accepted and dropped)")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2·rank)")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="adapter dropout (on a CPU the seeded mask costs time; off by default, as in PEFT)")
+    parser.add_argument("--dora", action="store_true", help="DoRA instead of LoRA")
+    parser.add_argument("--rslora", action="store_true", help="rsLoRA scale alpha/sqrt(r)")
     parser.add_argument("--targets", default=None, help="comma-separated module names (default: the family's q,v)")
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--loraplus-ratio", type=float, default=None, help="LoRA+: B's learning rate = ratio × lr")
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--eval-fraction", type=float, default=0.2)
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
+    parser.add_argument("--loraplus-ratio", type=float, default=None,
+                        help="LoRA+: B's learning rate = ratio × lr (default: off)")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per example (truncated)")
+    parser.add_argument("--eval-fraction", type=float, default=0.2, help="share of the data held out for evaluation")
     parser.add_argument("--pretrain-steps", type=int, default=400, help="causal-lm: full training of the base first")
-    parser.add_argument("--limit", type=int, default=None, help="use only this many examples (quick runs)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=None, help="use only this many examples (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, the init and the batches")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--out", default="finetune_out")
+    parser.add_argument("--out", default="finetune_out", help="output folder (adapter, report, loss.png)")
     parser.add_argument("--compare-peft", action="store_true", help="also train with PEFT's layers, side by side")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -567,8 +687,12 @@ def run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result = run_causal_lm(args) if args.task == "causal-lm" else run_classification(args)
     print(write_report(result, args.out))
-    print(f"written to {os.path.abspath(args.out)}: report.md, results.json"
-          + (", adapter/, head.safetensors" if args.task == "classification" else ""))
+    written = ["report.md", "results.json"]
+    if os.path.isfile(os.path.join(args.out, "loss.png")):
+        written.append("loss.png")
+    if args.task == "classification":
+        written += ["adapter/", "head.safetensors"]
+    print(f"written to {os.path.abspath(args.out)}: {', '.join(written)}")
     return 0
 
 

@@ -23,6 +23,28 @@ from .dropout import draw_seed_tensor
 _AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _autocast_device_types() -> frozenset[str]:
+    """Device types with an autocast mode, asked once at import: torch.amp.is_autocast_available
+    is not traceable by torch 2.11's dynamo (a skipped function: fullgraph=True raises), while a
+    membership test on a constant frozenset is."""
+    names = ["cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "ipu", "maia"]
+    try:
+        names.append(torch._C._get_privateuse1_backend_name())
+    except Exception:  # pragma: no cover - very old torch
+        pass
+    found = set()
+    for name in names:
+        try:
+            if torch.amp.is_autocast_available(name):
+                found.add(name)
+        except Exception:  # pragma: no cover - an unknown device type name on this torch
+            pass
+    return frozenset(found)
+
+
+_AUTOCAST_DEVICE_TYPES = _autocast_device_types()
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -74,7 +96,7 @@ def _autocast(x, weight, lora_a, lora_b, bias):
     if not isinstance(x, torch.Tensor) or x.dtype not in _AUTOCAST_ELIGIBLE:
         return x, weight, lora_a, lora_b, bias
     device_type = x.device.type
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+    if device_type not in _AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
         return x, weight, lora_a, lora_b, bias
     dtype = torch.get_autocast_dtype(device_type)
 

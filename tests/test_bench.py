@@ -19,7 +19,8 @@ def test_bench_rows_and_saved_bytes_on_cpu():
                                                       for m in ("fwd", "fwdbwd")]
     by = {r.provider: r for r in rows if r.mode == "fwdbwd"}
     for r in rows:
-        assert r.ms_p20 <= r.ms_median <= r.ms_p80 and len(r.times_ms) == 5 and math.isfinite(r.tflops)
+        assert r.ms_p20 <= r.ms_median <= r.ms_p80 and len(r.times_ms) >= bm.CPU_MIN_REPS and math.isfinite(r.tflops)
+        assert "spread" in r.extra and isinstance(r.extra["stable"], bool)
         assert r.extra["rel_err"] < 1e-4
         assert r.peak_mem_mb is None  # no CUDA: no peak-memory figure rather than a made-up one
     assert set(by["torch"].extra["errors"]) == {"y", "dx", "dA", "dB"}  # gradients are validated too
@@ -104,9 +105,43 @@ def test_ratios_and_tables_from_known_figures():
     table = markdown_table(rows)
     line = table.splitlines()[2]
     # best of ours is hybrid: 1.6× the floor, 2.5× faster than unfused; saved 2 KiB vs 3 MiB
-    assert "| 1.6× | 2.5× |" in line and "2.0 KiB / 3.0 MiB" in line and "| skipped |" in line
+    assert "| 1.6× (hybrid) | 2.5× |" in line and "2.0 KiB / 3.0 MiB" in line and "| skipped |" in line
     details = bm.markdown_details(rows)
     assert "peft is not installed" in details and "1.600 [1.600–1.600]" in details
+
+
+def test_best_ours_includes_the_torch_backend_when_it_is_fastest():
+    rows = [_row("base", "fwdbwd", 1.0), _row("torch", "fwdbwd", 1.2), _row("fused", "fwdbwd", 3.0),
+            _row("hybrid", "saved", float("nan"))]
+    line = markdown_table(rows).splitlines()[2]
+    assert "| 1.2× (torch) |" in line
+
+
+def test_cpu_report_separates_measured_modeled_and_unstable(monkeypatch):
+    rows = [_row("base", "fwdbwd", 1.0, saved_bytes=0), _row("unfused", "fwdbwd", 4.0, saved_bytes=3 * 2**20),
+            _row("torch", "fwdbwd", 2.0, saved_bytes=2048),
+            _row("fused", "saved", float("nan"), saved_bytes=2048, extra={"rel_err": 1e-7, "not_timed": "x"})]
+    rows[0].extra.update(stable=True)
+    rows[1].extra.update(stable=False)  # noisy: shown as unstable, no ratio, not plotted
+    rows[2].extra.update(stable=True)
+    monkeypatch.setitem(sys.modules, "lora_kernels.perf", None)  # no modeled figures in this build
+    report = bm.cpu_report(rows)
+    assert "## 1. Validation" in report and "ok 1e-07" in report
+    assert "## 2. Bytes saved for backward" in report and "3.0 MiB" in report
+    assert "## 3. CPU timings" in report and "not timed" in report
+    assert "unstable: 4.000" in report and "| - | 2× |" in report  # unfused/base left out; torch/base 2×
+    assert "## 4. Modeled GPU ratios (modeled, not measured)" in report and "No modeled GPU figures" in report
+
+
+def test_cpu_timer_repeats_until_median_and_spread_are_meaningful():
+    timer = bm.make_timer("cpu")
+    times = timer(lambda: None)
+    assert len(times) >= bm.CPU_MIN_REPS and timer.min_reps == bm.CPU_MIN_REPS
+    assert len(bm.make_timer("cpu", cpu_reps=3)(lambda: None)) == 3
+    threads = torch.get_num_threads()
+    seen = []
+    bm.make_timer("cpu", cpu_reps=1)(lambda: seen.append(torch.get_num_threads()))
+    assert set(seen) == {bm.CPU_THREADS} and torch.get_num_threads() == threads
 
 
 def test_default_shapes_are_the_llama_grid():
@@ -149,3 +184,23 @@ def test_saved_bytes_counts_only_new_tensors():
     w = torch.randn(4, 8)
     assert bm.saved_bytes(lambda: (x * 2).sum(), {x.data_ptr()}) == 0
     assert bm.saved_bytes(lambda: (x.exp() @ w.t()).sum(), {x.data_ptr(), w.data_ptr()}) == 16 * 8 * 4
+
+
+def test_plots_from_known_figures_gpu_and_cpu_layouts(tmp_path):
+    pytest.importorskip("matplotlib")  # CI installs it (test extra); the no-matplotlib branch is tested above
+    rows = []
+    for m in (2048, 8192):
+        for prov, ms in (("base", 1.0), ("unfused", 4.0), ("hybrid", 1.5)):
+            row = _row(prov, "fwdbwd", ms * m / 2048, saved_bytes=0 if prov == "base" else 2048 * m)
+            row.shape = {**row.shape, "m": m}
+            rows.append(row)
+    (tmp_path / "gpu").mkdir()
+    gpu = bm.write_plots(rows, str(tmp_path / "gpu"), meta={"gpu": "Some GPU"})
+    assert sorted(p.rsplit("/", 1)[1] for p in gpu) == ["memory.png", "speedup.png"]
+    for r in rows:
+        r.extra["stable"] = r.provider != "unfused"  # an unstable CPU figure is left out of the time plot
+    (tmp_path / "cpu").mkdir()
+    cpu = bm.write_plots(rows, str(tmp_path / "cpu"), cpu=True, meta={"cpu": "Some CPU"})
+    assert sorted(p.rsplit("/", 1)[1] for p in cpu) == ["cpu_times.png", "memory.png"]
+    for path in gpu + cpu:
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

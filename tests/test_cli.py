@@ -16,10 +16,27 @@ def test_info(capsys):
     assert "torch" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["check", "bench", "finetune"])
+def test_help_shows_every_default(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    options = [line.split()[0] for line in out.splitlines() if line.startswith("  --") and line.split()[0] != "--help"]
+    assert options
+    # every option (not -h) has a help text that says its default
+    import re
+    blocks = re.split(r"\n  (?=-)", out.split("options:")[1])
+    for block in blocks[1:]:
+        if block.startswith("-h"):
+            continue
+        assert "default" in block.lower(), block
+
+
 def test_check_passes_on_the_small_grid_and_prints_a_table(capsys):
     assert main(["check", "--device", "cpu", "--paths", "torch"]) == 0
     out = capsys.readouterr().out
     assert "CPU only" in out and "small grid" in out
+    assert "nc: x non-contiguous" in out and "BxM" in out  # the case abbreviations are explained
     assert "rel err" in out and "FAIL" not in out and " pass" in out
     rows = [line for line in out.splitlines() if line.startswith("torch ")]
     assert len(rows) == sum(4 + c.bias + c.dora for c in check_module.SMALL_GRID)  # every quantity of every case
