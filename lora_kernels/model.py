@@ -168,13 +168,14 @@ def _adapter_kwargs(model, config: LoraConfig, name: str) -> dict:
 
 
 def _tied_to(model: nn.Module, name: str, weight: torch.Tensor) -> str | None:
-    """Name of another module holding ``weight`` (or a tensor on its storage), else None."""
-    ptr = weight.untyped_storage().data_ptr()
+    """Name of another module holding ``weight`` (the same tensor, or a view of the same memory: same
+    start and size; parameters that merely share a flat buffer, as under FSDP, are not tied), else None."""
+    ptr, size = weight.data_ptr(), weight.numel()
     for other, module in model.named_modules():
         if other == name or other.startswith(name + "."):
             continue
         for p in module.parameters(recurse=False):
-            if p is weight or (p.device == weight.device and p.untyped_storage().data_ptr() == ptr and p.numel()):
+            if p is weight or (size and p.device == weight.device and p.data_ptr() == ptr and p.numel() == size):
                 return other[: -len(".base_layer")] if other.endswith(".base_layer") else other
     return None
 
