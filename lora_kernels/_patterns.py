@@ -5,11 +5,13 @@ PEFT's rule: a pattern key matches module ``name`` when ``re.match(rf"(.*\\.)?({
 does — the key names the module or a dotted suffix of it, as a literal or as a regex. The literal
 forms (``name == key`` or ``name.endswith("." + key)``) are checked first, exactly. A regex is run
 only if it belongs to a subset that Python's backtracking engine matches in polynomial time of low
-degree: no backreferences or conditionals, no repeat inside a repeat, inside a repeat only
-single-character alternatives, at most ``MAX_UNBOUNDED`` unbounded repeats in all, at most
-``MAX_PATTERN_CHARS`` characters. Anything else is refused with an error naming the key and where
-it came from, before any name is matched. (``([a-z_.0-9]*)*X`` takes minutes on a 40-character
-module name; the subset rules out every such nesting.)
+degree: characters, classes, anchors, groups, ``|`` and ``?``; repeats only of fixed sequences of
+single characters or classes (no repeat, ``?`` or ``|`` inside a repeat); at most two variable
+repeats (``*``, ``+``, ``{m,n}``) besides PEFT's own prefix; at most ``MAX_CHOICES`` combinations
+of ``|`` and ``?``; at most ``MAX_PATTERN_CHARS`` characters. Backtracking then explores at most
+~``MAX_CHOICES``·(n+1)³ states for an n-character module name. Anything else is refused with an
+error naming the key and where it came from, before any name is matched. (``([a-z_.0-9]*)*X``
+takes minutes on a 40-character module name; ``(a?)`` repeated 30 times takes as long.)
 """
 from __future__ import annotations
 
@@ -23,53 +25,59 @@ except ImportError:  # pragma: no cover - Python 3.10
     import sre_parse as _parser
 
 MAX_PATTERN_CHARS = 512
-MAX_UNBOUNDED = 3  # with PEFT's own "(.*\.)?" prefix this bounds the work by ~len(name)**4 steps
+MAX_VARIABLE_REPEATS = 3  # *, +, {m,n} with m < n; PEFT's own "(.*\.)?" prefix counts as one
+MAX_CHOICES = 64  # product of the alternatives of every | and ? outside repeats
 _MAXREPEAT = _c.MAXREPEAT
 _REPEATS = {_c.MAX_REPEAT, _c.MIN_REPEAT} | ({_c.POSSESSIVE_REPEAT} if hasattr(_c, "POSSESSIVE_REPEAT") else set())
-_FORBIDDEN = {_c.GROUPREF, _c.GROUPREF_EXISTS} | ({_c.GROUPREF_IGNORE} if hasattr(_c, "GROUPREF_IGNORE") else set())
-_SINGLE_CHAR = {_c.LITERAL, _c.NOT_LITERAL, _c.IN, _c.ANY, _c.CATEGORY}
+_ONE_CHAR = {_c.LITERAL, _c.NOT_LITERAL, _c.IN, _c.ANY, _c.CATEGORY}
+_ANCHOR = {_c.AT}
 
 
 class _Unsafe(Exception):
     pass
 
 
-def _is_single_char(items) -> bool:
-    """A parsed sequence that always consumes exactly one character (a, [a-z], ., \\w)."""
-    items = list(items)
-    if len(items) == 1 and items[0][0] == _c.SUBPATTERN:
-        return _is_single_char(items[0][1][-1])
-    return len(items) == 1 and items[0][0] in _SINGLE_CHAR
-
-
-def _walk(items, inside_repeat: bool, counts: dict) -> None:
+def _check_repeat_body(items) -> None:
+    """Inside a repeat only a fixed sequence of single characters / classes / anchors: one way to
+    match each iteration, so a repeat's only choice is its count."""
     for op, arg in items:
-        if op in _FORBIDDEN:
-            raise _Unsafe("backreferences and conditional groups are not allowed")
+        if op == _c.SUBPATTERN:
+            _check_repeat_body(arg[-1])
+        elif op in _REPEATS and arg[0] == arg[1] and arg[0] != _MAXREPEAT:  # a fixed count {m}
+            _check_repeat_body(arg[2])
+        elif op not in _ONE_CHAR and op not in _ANCHOR:
+            kind = ("a repeat inside a repeat (nested quantifiers)" if op in _REPEATS
+                    else "alternatives (|) inside a repeat" if op == _c.BRANCH else f"{op} inside a repeat")
+            raise _Unsafe(f"{kind} can take exponential time")
+
+
+def _walk(items, counts: dict) -> None:
+    for op, arg in items:
+        if op in _ONE_CHAR or op in _ANCHOR:
+            continue
         if op in _REPEATS:
             lo, hi, body = arg
-            if hi == _MAXREPEAT or hi > 1:
-                if inside_repeat:
-                    raise _Unsafe("a repeat inside a repeat (nested quantifiers) can take exponential time")
-                if hi == _MAXREPEAT:
-                    counts["unbounded"] += 1
-                    if counts["unbounded"] > MAX_UNBOUNDED:
-                        raise _Unsafe(f"more than {MAX_UNBOUNDED} unbounded repeats (*, +, {{n,}})")
-                _walk(body, True, counts)
-            else:  # ? or {0,1}: no repetition
-                _walk(body, inside_repeat, counts)
+            if lo == hi:  # a fixed count: {m}
+                _check_repeat_body(body)
+            elif hi == 1:  # ? : a choice of two
+                counts["choices"] *= 2
+                _walk(body, counts)
+            else:
+                counts["repeats"] += 1
+                _check_repeat_body(body)
         elif op == _c.SUBPATTERN:
-            _walk(arg[-1], inside_repeat, counts)
+            _walk(arg[-1], counts)
         elif op == _c.BRANCH:
-            alternatives = arg[1]
-            if inside_repeat and not all(_is_single_char(alt) for alt in alternatives):
-                raise _Unsafe("alternatives longer than one character inside a repeat can take exponential time")
-            for alt in alternatives:
-                _walk(alt, inside_repeat, counts)
-        elif op in (_c.ASSERT, _c.ASSERT_NOT):
-            _walk(arg[1], inside_repeat, counts)
-        elif hasattr(_c, "ATOMIC_GROUP") and op == _c.ATOMIC_GROUP:
-            _walk(arg, inside_repeat, counts)
+            counts["choices"] *= len(arg[1])
+            for alt in arg[1]:
+                _walk(alt, counts)
+        else:  # backreferences, conditionals, lookarounds, atomic groups ...
+            raise _Unsafe(f"{str(op).lower()} is not in the accepted subset (plain characters, classes, groups, "
+                          "|, ?, and repeats of fixed character sequences)")
+        if counts["repeats"] > MAX_VARIABLE_REPEATS:
+            raise _Unsafe(f"more than {MAX_VARIABLE_REPEATS - 1} variable repeats (*, +, {{m,n}})")
+        if counts["choices"] > MAX_CHOICES:
+            raise _Unsafe(f"more than {MAX_CHOICES} combinations of alternatives (|) and optional parts (?)")
 
 
 def compile_safe(pattern, what: str, source: str | None = None) -> re.Pattern:
@@ -87,9 +95,9 @@ def compile_safe(pattern, what: str, source: str | None = None) -> re.Pattern:
         compiled = re.compile(rf"(.*\.)?(?:{pattern})")
     except (re.error, RecursionError, OverflowError) as exc:
         raise ValueError(f"{what} {pattern!r}{where} is not a valid regular expression: {exc}") from None
-    counts = {"unbounded": 1}  # PEFT's "(.*\.)?" prefix
+    counts = {"repeats": 1, "choices": 2}  # PEFT's "(.*\.)?" prefix
     try:
-        _walk(parsed, False, counts)
+        _walk(parsed, counts)
     except _Unsafe as exc:
         raise ValueError(f"{what} {pattern!r}{where} is refused: {exc}. Module-name patterns are matched with a "
                          "time bound; write the module name (or a dotted suffix of it) literally, or a simpler "

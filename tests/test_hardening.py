@@ -314,10 +314,22 @@ def test_12_catastrophic_rank_pattern_is_refused_quickly(tmp_path):
     assert time.monotonic() - t0 < 5
 
 
-@pytest.mark.parametrize("pattern", ["(a+)+b", "(a|aa)*b", "(.*)*", r"(\w+\s?)+$", r"(a)\1", ".*.*.*.*x", "a" * 600])
+@pytest.mark.parametrize("pattern", ["(a+)+b", "(a|aa)*b", "(.*)*", r"(\w+\s?)+$", r"(a)\1", ".*.*.*x", "a" * 600,
+                                     "(a?)" * 30 + "X", "a{0,50}a{0,50}a{0,50}X", "(?=a)a",
+                                     "(ab|b)(ab|b)(ab|b)(ab|b)(ab|b)(ab|b)X"])
 def test_12_unsafe_patterns_are_refused(pattern):
     with pytest.raises(ValueError, match="rank_pattern"):
         lk.LoraConfig(rank_pattern={pattern: 4})
+
+
+def test_12_the_worst_accepted_patterns_stay_fast():
+    name = "a" * 200
+    for pattern in [".*a.*a", "(a?)" * 5 + ".*.*X", "(aa|a)(aa|a)(a|aa|aaa)?[a-z]*[a-z]+X", r"(\w|a)+(b|\w)+X", "a{0,200}a*X"]:
+        cfg = lk.LoraConfig(rank=2, rank_pattern={pattern: 4})
+        t0 = time.monotonic()
+        cfg.rank_for(name + "b")
+        cfg.rank_for(name)
+        assert time.monotonic() - t0 < 2, pattern
 
 
 @pytest.mark.parametrize("pattern", ["q_proj", r"model\.layers\.0\.self_attn\.q_proj", r"layers\.[0-9]+\.mlp\..*",
