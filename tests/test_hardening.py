@@ -537,3 +537,74 @@ def test_every_refused_call_leaves_the_model_unchanged(tmp_path):
         with pytest.raises((ValueError, RuntimeError, KeyError)):
             call()
         _assert_state(model, before)
+
+
+def test_1_olora_injected_round_trips_in_ours_and_peft(tmp_path):
+    model = tiny_llama()
+    base = copy.deepcopy(model)
+    ids = tokens()
+    before = logits(model, ids)
+    lk.inject(model, lk.LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], init="olora"))
+    torch.testing.assert_close(logits(model, ids), before, rtol=1e-4, atol=1e-4)  # unchanged at step 0
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.add_(0.05)
+    lk.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == "olora"
+    ours = copy.deepcopy(base)
+    lk.load_adapter(ours, tmp_path)
+    torch.testing.assert_close(logits(ours, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    torch.testing.assert_close(logits(theirs, ids), logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_3_pissa_on_a_tied_weight_is_refused():
+    model = tiny_gpt2()
+    before = _state(model)
+    with pytest.raises(ValueError, match="tied to 'transformer.wte'"):
+        lk.inject(model, lk.LoraConfig(rank=2, target_modules=["lm_head"], init="pissa"))
+    _assert_state(model, before)
+
+
+def test_failure_half_way_through_inject_rolls_everything_back(monkeypatch):
+    """A failure after some layers were built (here: the second PiSSA SVD) restores the rewritten
+    weights, the module tree and requires_grad."""
+    model = tiny_llama()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    before = _state(model)
+    real = lk.LoRALinear._pissa_init
+    calls = []
+
+    def flaky(self, adapter, init):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("SVD failed")
+        return real(self, adapter, init)
+
+    monkeypatch.setattr(lk.LoRALinear, "_pissa_init", flaky)
+    with pytest.raises(RuntimeError, match="SVD failed"):
+        lk.inject(model, lk.LoraConfig(rank=2, target_modules=["q_proj", "v_proj"], init="pissa"))
+    assert len(calls) == 2
+    _assert_state(model, before)
+
+
+def test_merge_failure_half_way_unmerges_what_was_merged(monkeypatch):
+    model = _mlp()
+    lk.inject(model, lk.LoraConfig(rank=2, target_modules=["0", "2"]))
+    randomize_adapters(model)
+    before = _state(model)
+    real = lk.LoRALinear.merge
+
+    def flaky(self, safe=False):
+        if self is model[2]:
+            raise RuntimeError("out of memory")
+        return real(self, safe)
+
+    monkeypatch.setattr(lk.LoRALinear, "merge", flaky)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        lk.merge(model)
+    assert not model[0].merged
+    sd = model.state_dict()
+    for k, v in before[0].items():  # unmerge restores within one rounding
+        torch.testing.assert_close(sd[k], v, rtol=1e-6, atol=1e-6)
