@@ -111,6 +111,8 @@ def replace_directory(target: str | os.PathLike, files: dict[str, bytes]) -> Non
     """Make ``target`` a directory holding ``files`` ({name: content}) plus whatever else the old
     directory held, atomically (see the module docstring)."""
     target = os.path.abspath(os.fspath(target))
+    if os.path.islink(target):  # replace what the link points to; the link stays
+        target = os.path.realpath(target)
     recover(target)
     if os.path.lexists(target) and not os.path.isdir(target):
         raise NotADirectoryError(f"cannot save into {target}: it exists and is not a directory (a file)")

@@ -284,7 +284,11 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
     """Add adapter ``adapter_name`` to the modules ``config`` targets; return their names.
 
     A plain Linear / Conv1D / Embedding is replaced by a LoRA layer wrapping it (frozen); a module
-    that already is one gets another adapter. Everything is validated before anything changes.
+    that already is one gets another adapter. Everything is validated before anything changes, and a
+    failure part-way (e.g. an SVD) puts the model back exactly as it was. Refused: the model itself
+    as a target, modules whose parent bypasses their forward (MultiheadAttention.out_proj,
+    TransformerEncoderLayer; "all-linear" skips them with a warning), layers whose adapter is merged,
+    PiSSA/OLoRA next to another adapter on a layer or on a tied weight.
     Then only the active adapters' parameters (and biases per ``config.bias``) are left trainable.
     """
     if not isinstance(config, LoraConfig):

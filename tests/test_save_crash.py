@@ -131,3 +131,14 @@ def test_save_refuses_a_file_in_the_way(tmp_path):
     with pytest.raises(NotADirectoryError, match="file"):
         lk.save_adapter(_model(1), path)
     assert path.read_text() == "x"
+
+
+def test_save_through_a_symlink_keeps_the_link(tmp_path):
+    real = tmp_path / "real"
+    lk.save_adapter(_model(1), real)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    lk.save_adapter(_model(2), link)
+    assert link.is_symlink()
+    assert torch.equal(_outputs(link), _model(2)(torch.ones(2, 8)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
