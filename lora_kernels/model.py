@@ -243,7 +243,8 @@ class _Snapshot:
         for t in tensors:
             if id(t) not in seen:
                 seen.add(id(t))
-                self.tensors.append((t, t.detach().clone()))
+                # kept in host memory: a PiSSA inject over a whole GPU model must not double its GPU memory
+                self.tensors.append((t, t.detach().to("cpu", copy=True)))
 
     @torch.no_grad()
     def restore(self) -> None:
