@@ -61,7 +61,8 @@ def _number(cfg, key, default, path, integer=False):
     value = cfg.get(key, default)
     if value is None:
         value = default
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (integer and not isinstance(value, numbers.Integral)):
+    wrong_kind = integer and not isinstance(value, numbers.Integral)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or wrong_kind:
         kind = "an integer" if integer else "a number"
         raise ValueError(f"{path}: {key} must be {kind}, got {value!r}")
     if not math.isfinite(value):

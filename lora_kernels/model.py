@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import _atomic_io
+from ._snapshot import all_or_nothing as _all_or_nothing
 from ._patterns import compile_safe
 from ._peft_config import read_peft_config
 from .config import DEFAULT_ENABLE_LORA, DEFAULT_TARGETS, INITS, LoraConfig, rewrites_weight
@@ -197,7 +198,8 @@ def _check_new_adapter(model, name, module, adapter_name, init, enable_lora=None
                              "adapter must be the only one on its layers")
         if rewrites_weight(init) and len(module.adapters):
             raise ValueError(f"module {name!r}: init={init!r} rewrites the frozen weight, which is shared with "
-                             f"adapters {list(module.adapters)}; a pissa/olora adapter must be the only one on its layers")
+                             f"adapters {list(module.adapters)}; a pissa/olora adapter must be the only one on its "
+                             "layers")
     if isinstance(base, nn.Embedding):
         if use_dora or enable_lora is not None or init != "kaiming":
             raise ValueError(f"module {name!r} is an Embedding: only plain LoRA (no DoRA, enable_lora or "
@@ -226,61 +228,6 @@ def _check_adapter_name(adapter_name) -> None:
         raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
 
 
-class _Snapshot:
-    """What an operation on a model may change — the module tree, LoRA layers' flags, requires_grad,
-    ``lora_configs`` and the given tensors — recorded so that a failure can put all of it back."""
-
-    _FLAGS = ("active_adapter", "merged_adapter", "disabled", "_residual_adapter")
-
-    def __init__(self, model: nn.Module, tensors=()):
-        self.model = model
-        self.children = [(m, dict(m._modules)) for m in model.modules()]
-        self.flags = [(layer, {k: layer.__dict__[k] for k in self._FLAGS if k in layer.__dict__},
-                       dict(layer._buffers)) for layer in lora_layers(model).values()]
-        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-        self.configs = model.__dict__.get("lora_configs", _MISSING)
-        seen, self.tensors = set(), []
-        for t in tensors:
-            if id(t) not in seen:
-                seen.add(id(t))
-                # kept in host memory: a PiSSA inject over a whole GPU model must not double its GPU memory
-                self.tensors.append((t, t.detach().to("cpu", copy=True)))
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for module, children in self.children:
-            module._modules.clear()
-            module._modules.update(children)
-        for layer, flags, buffers in self.flags:
-            for k in self._FLAGS:
-                layer.__dict__.pop(k, None)
-            layer.__dict__.update(flags)
-            layer._buffers.clear()
-            layer._buffers.update(buffers)
-        for p, flag in self.requires_grad:
-            p.requires_grad_(flag)
-        for t, saved in self.tensors:
-            t.copy_(saved)
-        if self.configs is _MISSING:
-            self.model.__dict__.pop("lora_configs", None)
-        else:
-            self.model.__dict__["lora_configs"] = self.configs
-
-
-_MISSING = object()
-
-
-@contextlib.contextmanager
-def _all_or_nothing(model: nn.Module, tensors=()):
-    """Run the block; if it raises, the model is put back exactly as it was (see _Snapshot)."""
-    snapshot = _Snapshot(model, tensors)
-    try:
-        yield snapshot
-    except BaseException:
-        snapshot.restore()
-        raise
-
-
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", backend: str | None = None) -> list[str]:
     """Add adapter ``adapter_name`` to the modules ``config`` targets; return their names.
 
@@ -300,7 +247,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
     for name in names:
         _check_target(model, config, name, modules[name], adapter_name)
     previous = _active_name(model)
-    rewritten = [_base_of(modules[n]).weight for n in names if rewrites_weight(_adapter_kwargs(model, config, n)["init"])]
+    rewritten = [_base_of(modules[n]).weight for n in names
+                 if rewrites_weight(_adapter_kwargs(model, config, n)["init"])]
     with _all_or_nothing(model, rewritten):
         for name in names:
             module = modules[name]
@@ -435,7 +383,8 @@ def _with_active(model: nn.Module) -> dict[str, nn.Module]:
 def _to_merge(model: nn.Module, allow_none: bool = False) -> dict[str, nn.Module]:
     layers = lora_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no LoRA layers: nothing to merge (inject or load an adapter first)")
+        raise ValueError(f"{type(model).__name__} has no LoRA layers: nothing to merge (inject or load an adapter "
+                         "first)")
     todo = {n: m for n, m in layers.items() if m.active_adapter is not None and not m.merged}
     if not todo and not allow_none:
         if any(m.merged for m in layers.values()):
