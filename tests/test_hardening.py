@@ -608,3 +608,23 @@ def test_merge_failure_half_way_unmerges_what_was_merged(monkeypatch):
     sd = model.state_dict()
     for k, v in before[0].items():  # unmerge restores within one rounding
         torch.testing.assert_close(sd[k], v, rtol=1e-6, atol=1e-6)
+
+
+def test_9_merged_embedding_state_dict_loads_as_merged():
+    def build(seed):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 4))
+        lk.inject(m, lk.LoraConfig(rank=2, target_modules=["0", "1"]))
+        return m
+
+    model = build(0)
+    randomize_adapters(model)
+    ids = torch.tensor([[1, 2, 3]])
+    expected = model(ids)
+    lk.merge(model)
+    fresh = build(1)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh[0].merged and fresh[1].merged
+    torch.testing.assert_close(fresh(ids), expected, rtol=1e-5, atol=1e-5)
+    lk.unmerge(fresh)
+    torch.testing.assert_close(fresh(ids), expected, rtol=1e-5, atol=1e-5)
