@@ -16,6 +16,7 @@ import math
 import torch
 
 from . import functions  # noqa: F401  (registers the lora_kernels:: custom ops)
+from .functions import refuse_forward_ad
 from ._validation import check_dora_inputs, check_dropout, check_lora_inputs, check_scale, check_seed
 from .backends import resolve_backend
 from .dropout import draw_seed_tensor
@@ -83,6 +84,7 @@ def lora_linear(
     Returns:
         y of shape (..., N) and x's dtype.
     """
+    refuse_forward_ad("lora_linear", x, weight, lora_a, lora_b, bias)
     x2d, weight, lora_a, lora_b, bias, scale, dropout_p, seed, seed_tensor = _prepare(
         x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, training)
     impl = resolve_backend(backend, x2d, weight.shape[0], lora_a.shape[0])
@@ -160,6 +162,7 @@ def dora_linear(
     gradient dm comes back in it; autocast does not cast it). The weight must not require grad.
     """
     check_dora_inputs(weight, magnitude)
+    refuse_forward_ad("dora_linear", x, weight, lora_a, lora_b, magnitude, bias)
     x2d, weight, lora_a, lora_b, bias, scale, dropout_p, seed, seed_tensor = _prepare(
         x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, training)
     impl = resolve_backend(backend, x2d, weight.shape[0], lora_a.shape[0])

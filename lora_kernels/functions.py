@@ -48,6 +48,31 @@ def _seed_value(seed: int, seed_tensor: Optional[Tensor]) -> int:
     return value
 
 
+def refuse_forward_ad(op: str, *tensors: Optional[Tensor]) -> None:
+    """Raise if forward-mode AD (``torch.func.jvp``/``jacfwd``, ``torch.autograd.forward_ad``) would
+    pass through ``op``: the custom ops below have a reverse-mode rule only, and without this check
+    torch silently gives them a zero (func.jvp) or missing (forward_ad) tangent."""
+    from torch.autograd import forward_ad
+
+    if getattr(forward_ad, "_current_level", -1) < 0:  # no forward-AD level is open: the common case
+        return
+    jvp = False
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        from torch._C._functorch import TransformType
+
+        jvp = any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+    except (ImportError, AttributeError):  # pragma: no cover - older torch
+        pass
+    if not jvp:
+        jvp = any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    if jvp:
+        raise NotImplementedError(f"lora_kernels.{op}: forward-mode AD (torch.func.jvp / jacfwd / "
+                                  "torch.autograd.forward_ad) is not supported: its custom ops have a reverse-mode "
+                                  "rule only, and would otherwise yield a zero tangent. Use reverse mode "
+                                  f"(torch.func.vjp / jacrev), or lora_kernels.reference.{op}_ref for forward mode")
+
+
 def _autocast_off(device: torch.device):
     """Autocast disabled for ``device``'s type while an op runs (its inputs are already cast)."""
     if torch.amp.is_autocast_available(device.type):

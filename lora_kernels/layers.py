@@ -2,7 +2,9 @@
 per-slice adapters) and ``LoRAEmbedding``; several named adapters per layer, one active at a time."""
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import warnings
 
 import torch
@@ -19,6 +21,60 @@ INITS = ("kaiming", "gaussian")
 
 def _is_pissa(init: str) -> bool:
     return init == "pissa" or (init.startswith("pissa_niter_") and init[len("pissa_niter_"):].isdigit())
+
+
+def _rewrites_weight(init: str) -> bool:
+    return init == "olora" or _is_pissa(init)
+
+
+class _ReadWriteLock:
+    """Many readers (forwards) or one writer (merge / unmerge) at a time; a waiting writer stops new
+    readers from entering, so merges are not starved by a stream of forwards."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def reading(self):
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def writing(self):
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+MERGED_KEY = "lora_merged."  # state-dict key prefix: lora_merged.<adapter> (DoRA: the scale c; LoRA: empty)
 
 
 def lora_scale(rank: int, alpha: float, use_rslora: bool = False) -> float:
@@ -73,6 +129,7 @@ class LoraAdapter(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(slice_out * slices, self.rank, dtype=dtype, device=device))
         self.lora_magnitude = None
         self.out_features = out_features
+        self.init = "kaiming"  # how A, B were initialised (PiSSA/OLoRA: relative to a rewritten weight)
 
     @torch.no_grad()
     def reset_parameters(self, init: str = "kaiming") -> None:
@@ -124,10 +181,73 @@ class _AdapterHost(nn.Module):
         self.active_adapter: str | None = None
         self.disabled = False
         self.merged_adapter: str | None = None
+        self._lock = _ReadWriteLock()
+
+    # The lock is runtime state: copies and pickles get a fresh one.
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = _ReadWriteLock()
+
+    def _reading(self):
+        """Held by forward: merge/unmerge wait until running forwards are done, and forwards wait
+        while the weight is rewritten. Not taken while torch.compile traces (a graph has no locks)."""
+        if _compiling():
+            return contextlib.nullcontext()
+        return self._lock.reading()
 
     @property
     def merged(self) -> bool:
         return self.merged_adapter is not None
+
+    # The merged flag (and DoRA's merge scale) travel with the weights in the state dict, so a merged
+    # model's state loads as merged, and an unmerged one as unmerged (issue 20, item 9).
+    def _merged_scale(self):
+        return getattr(self, "_merged_dora_scale", None)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            c = self._merged_scale()
+            w = self.base_layer.weight
+            value = c if c is not None else torch.zeros(0, dtype=torch.float32, device=w.device)
+            destination[prefix + MERGED_KEY + self.merged_adapter] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        merged_keys = [k for k in state_dict if k.startswith(prefix + MERGED_KEY)]
+        incoming = [k[len(prefix + MERGED_KEY):] for k in merged_keys]
+        weight_key = prefix + "base_layer.weight"
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for k in merged_keys:
+            if k in unexpected_keys:
+                unexpected_keys.remove(k)
+        if weight_key not in state_dict:  # a partial state dict without the weight: the flag stays
+            if merged_keys:
+                error_msgs.append(f"{prefix[:-1]}: {merged_keys[0]} says the weight is merged, but {weight_key} "
+                                  "is missing")
+            return
+        if len(incoming) > 1 or (incoming and incoming[0] not in self.adapters):
+            error_msgs.append(f"{prefix[:-1]}: the state dict was saved with adapter {incoming} merged, which this "
+                              f"layer does not have (adapters: {list(self.adapters)})")
+            return
+        with self._lock.writing():
+            if incoming:
+                c = state_dict[merged_keys[0]]
+                self.active_adapter = incoming[0]
+                self.merged_adapter = incoming[0]
+                if hasattr(self, "_merged_dora_scale"):
+                    self._merged_dora_scale = c.detach().to(torch.float32).clone() if c.numel() else None
+            else:
+                self.merged_adapter = None
+                if hasattr(self, "_merged_dora_scale"):
+                    self._merged_dora_scale = None
 
     @property
     def active(self) -> LoraAdapter:
@@ -242,15 +362,31 @@ class LoRALinear(_AdapterHost):
         """Add a new adapter and make it active (the first one, or when none is active)."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        if not isinstance(init, str) or not (init in INITS or _is_pissa(init)):
-            raise ValueError(f"init must be one of {INITS + ('pissa',)} or 'pissa_niter_<N>', got {init!r}")
+        if not isinstance(init, str) or not (init in INITS or _rewrites_weight(init)):
+            raise ValueError(f"init must be one of {INITS + ('pissa', 'olora')} or 'pissa_niter_<N>', got {init!r}")
+        if self.merged:
+            raise RuntimeError(f"adapter {self.merged_adapter!r} is merged into the weight; unmerge() before adding "
+                               f"adapter {name!r} (a DoRA magnitude or PiSSA/OLoRA init would read the merged weight)")
+        if _rewrites_weight(init) and len(self.adapters):
+            raise ValueError(f"init={init!r} rewrites the frozen weight shared with adapters {list(self.adapters)}; "
+                             "a PiSSA/OLoRA adapter must be the only one on its layer")
+        if getattr(self, "_residual_adapter", None) is not None:
+            owner, owner_init = self._residual_adapter
+            raise ValueError(f"adapter {owner!r} (init={owner_init!r}) replaced the frozen weight by its residual, "
+                             f"which would be shared: adapter {name!r} cannot be added to this layer")
         w = self.base_layer.weight
         adapter = LoraAdapter(self.in_features, self.out_features, rank, alpha, dropout, use_rslora, use_dora,
                               enable_lora, dtype=w.dtype, device=w.device)
-        if _is_pissa(init):
+        adapter.init = init
+        if _rewrites_weight(init):
             adapter.reset_parameters("kaiming")
             self.adapters[name] = adapter
-            self._pissa_init(adapter, init)
+            try:
+                self._pissa_init(adapter, init)
+            except Exception:
+                del self.adapters[name]
+                raise
+            self._residual_adapter = (name, init)
         else:
             adapter.reset_parameters(init)
             self.adapters[name] = adapter
@@ -262,11 +398,18 @@ class LoRALinear(_AdapterHost):
     @torch.no_grad()
     def _pissa_init(self, adapter: LoraAdapter, init: str) -> None:
         """PiSSA (Meng et al., 2024): A, B from the top-r singular triplets of W (fp32), and the frozen
-        weight replaced by the residual W − s·B·A, so the output is unchanged at step 0."""
+        weight replaced by the residual W − s·B·A, so the output is unchanged at step 0.
+        OLoRA (Büyükakyüz, 2024; PEFT's definition): W = Q·R, A = R[:r], B = Q[:, :r], same residual."""
         if adapter.enable_lora is not None:
-            raise ValueError("PiSSA init is not supported with enable_lora (per-slice adapters)")
+            raise ValueError(f"{init} init is not supported with enable_lora (per-slice adapters)")
         w = self.weight.detach().float()
         r = adapter.rank
+        if init == "olora":
+            q, rr = torch.linalg.qr(w)
+            adapter.lora_A.copy_(rr[:r].to(adapter.lora_A.dtype))
+            adapter.lora_B.copy_(q[:, :r].to(adapter.lora_B.dtype))
+            self.weight.copy_((w - adapter.delta_weight()).to(self.weight.dtype))
+            return
         if init == "pissa":
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
             u, s, vh = u[:, :r], s[:r], vh[:r]
@@ -308,6 +451,10 @@ class LoRALinear(_AdapterHost):
         return self._dora_norm(self.active)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self._reading():
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:  # the adapter is already inside the weight
             if self.disabled:
                 raise RuntimeError("adapters are disabled but one is merged into the weight; unmerge() first")
@@ -333,7 +480,7 @@ class LoRALinear(_AdapterHost):
         if self.merged:
             raise RuntimeError(f"LoRALinear.merge(): adapter {self.merged_adapter!r} is already merged; "
                                "call unmerge() first")
-        with torch.no_grad():
+        with torch.no_grad(), self._lock.writing():
             a = self.active
             w = self.weight
             merged = w.float() + a.delta_weight()
@@ -357,14 +504,15 @@ class LoRALinear(_AdapterHost):
         """Undo ``merge`` (restores W within the rounding of its dtype)."""
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge(): the adapter is not merged")
-        a = self.adapters[self.merged_adapter]
-        w = self.weight
-        restored = w.float()
-        if self._merged_dora_scale is not None:
-            restored.div_(self._merged_dora_scale[:, None])
+        with self._lock.writing():
+            a = self.adapters[self.merged_adapter]
+            w = self.weight
+            restored = w.float()
+            if self._merged_dora_scale is not None:
+                restored.div_(self._merged_dora_scale.to(restored.device)[:, None])
+            w.copy_((restored - a.delta_weight()).to(w.dtype))
             self._merged_dora_scale = None
-        w.copy_((restored - a.delta_weight()).to(w.dtype))
-        self.merged_adapter = None
+            self.merged_adapter = None
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.fan_in_fan_out else "Linear"
@@ -416,6 +564,10 @@ class LoRAEmbedding(_AdapterHost):
         return F.embedding(ids, weight, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        with self._reading():
+            return self._forward(ids)
+
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self._embed(ids, self.base_layer.weight)
         if self.merged or self.disabled or self.active_adapter is None:
             if self.merged and self.disabled:
@@ -437,16 +589,18 @@ class LoRAEmbedding(_AdapterHost):
         if safe and not torch.isfinite(merged).all():
             raise ValueError(f"safe merge: merging adapter {self.active_adapter!r} would put NaN/inf into the "
                              "weight; nothing was written")
-        w.copy_(merged)
-        self.merged_adapter = self.active_adapter
+        with self._lock.writing():
+            w.copy_(merged)
+            self.merged_adapter = self.active_adapter
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             raise RuntimeError("LoRAEmbedding.unmerge(): the adapter is not merged")
-        w = self.base_layer.weight
-        w.copy_((w.float() - self.adapters[self.merged_adapter].delta_weight().t()).to(w.dtype))
-        self.merged_adapter = None
+        with self._lock.writing():
+            w = self.base_layer.weight
+            w.copy_((w.float() - self.adapters[self.merged_adapter].delta_weight().t()).to(w.dtype))
+            self.merged_adapter = None
 
 
 LORA_LAYERS = (LoRALinear, LoRAEmbedding)

@@ -7,11 +7,16 @@ import json
 import math
 import os
 import re
+import warnings
 
 import torch
 from torch import nn
 
-from .config import DEFAULT_ENABLE_LORA, DEFAULT_TARGETS, LoraConfig
+from . import _atomic_io
+from ._snapshot import all_or_nothing as _all_or_nothing
+from ._patterns import compile_safe
+from ._peft_config import read_peft_config
+from .config import DEFAULT_ENABLE_LORA, DEFAULT_TARGETS, INITS, LoraConfig, rewrites_weight
 from .layers import LORA_LAYERS, LoRAEmbedding, LoRALinear, is_conv1d
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -48,10 +53,32 @@ def _base_of(module):
     return module.base_layer if isinstance(module, LORA_LAYERS) else module
 
 
-def _name_matches(name: str, spec) -> bool:
+def _name_matches(name: str, spec, what: str = "target_modules") -> bool:
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return re.fullmatch(spec, name) is not None  # spec was checked by compile_safe in resolve_targets
     return any(name == t or name.endswith("." + t) for t in spec)
+
+
+# Modules whose parent reads their weight directly instead of calling them: an adapter there would
+# never reach the forward (and merging it would change the output). PEFT wraps them all the same.
+_BYPASSING_PARENTS = {
+    nn.MultiheadAttention: "nn.MultiheadAttention reads out_proj.weight directly instead of calling out_proj",
+    nn.TransformerEncoderLayer: "nn.TransformerEncoderLayer's inference fast path reads its linear weights "
+                                "directly instead of calling the modules",
+}
+
+
+def _bypassed(model: nn.Module) -> dict[str, str]:
+    """{module name: why its forward is bypassed} for the Linear modules inside _BYPASSING_PARENTS."""
+    out = {}
+    for pname, parent in model.named_modules():
+        reason = next((why for cls, why in _BYPASSING_PARENTS.items() if isinstance(parent, cls)), None)
+        if reason is None:
+            continue
+        for cname, child in parent.named_modules():
+            if cname and (_is_linear(child) or isinstance(child, LORA_LAYERS)):
+                out[f"{pname}.{cname}" if pname else cname] = reason
+    return out
 
 
 def _output_layer_names(model, modules) -> set[str]:
@@ -80,13 +107,31 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             raise ValueError(f"target_modules is not set and there is no default for model type {mt!r}; "
                              f"pass target_modules (names, a regex or 'all-linear'). Linear modules: {linear_names}")
         spec = DEFAULT_TARGETS[mt]
+    if isinstance(spec, str) and spec != "all-linear":
+        compile_safe(spec, "target_modules")
+    if isinstance(config.exclude_modules, str):
+        compile_safe(config.exclude_modules, "exclude_modules")
     if spec == "all-linear":
         heads = _output_layer_names(model, modules)
         names = [n for n in linear_names if n not in heads]
     else:
         names = [n for n in modules if _name_matches(n, spec)]
     if config.exclude_modules is not None:
-        names = [n for n in names if not _name_matches(n, config.exclude_modules)]
+        names = [n for n in names if not _name_matches(n, config.exclude_modules, "exclude_modules")]
+    if "" in names:
+        raise ValueError(f"target_modules={spec!r} matches the model itself (a bare {type(model).__name__}): "
+                         "lora_kernels replaces submodules of the model it is given. Wrap the layer directly "
+                         "(lora_kernels.LoRALinear(layer, ...)) or pass a container that holds it")
+    bypassed = _bypassed(model)
+    skipped = {n: bypassed[n] for n in names if n in bypassed}
+    if skipped:
+        if spec != "all-linear":
+            name, why = next(iter(skipped.items()))
+            raise ValueError(f"target_modules={spec!r} selects {name!r}, which cannot be adapted: {why}, so an "
+                             f"adapter would never reach the output (refused: {sorted(skipped)})")
+        warnings.warn(f"target_modules='all-linear' skips {sorted(skipped)}: "
+                      + "; ".join(sorted(set(skipped.values()))), UserWarning, stacklevel=3)
+        names = [n for n in names if n not in skipped]
     if not names:
         raise ValueError(f"target_modules={spec!r} matches no module of {type(model).__name__}. "
                          f"Linear modules: {linear_names}")
@@ -123,57 +168,104 @@ def _adapter_kwargs(model, config: LoraConfig, name: str) -> dict:
                 enable_lora=_effective_enable_lora(model, config, name))
 
 
-def _check_target(model, config, name, module, adapter_name):
+def _tied_to(model: nn.Module, name: str, weight: torch.Tensor) -> str | None:
+    """Name of another module holding ``weight`` (the same tensor, or a view of the same memory: same
+    start and size; parameters that merely share a flat buffer, as under FSDP, are not tied), else None."""
+    ptr, size = weight.data_ptr(), weight.numel()
+    for other, module in model.named_modules():
+        if other == name or other.startswith(name + "."):
+            continue
+        for p in module.parameters(recurse=False):
+            if p is weight or (size and p.device == weight.device and p.data_ptr() == ptr and p.numel() == size):
+                return other[: -len(".base_layer")] if other.endswith(".base_layer") else other
+    return None
+
+
+def _check_new_adapter(model, name, module, adapter_name, init, enable_lora=None, use_dora=False):
+    """Everything that would make adding ``adapter_name`` to ``module`` wrong, checked before any change."""
     base = _base_of(module)
-    kw = _adapter_kwargs(model, config, name)
-    if isinstance(module, LORA_LAYERS) and adapter_name in module.adapters:
-        raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}")
+    if isinstance(module, LORA_LAYERS):
+        if adapter_name in module.adapters:
+            raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}")
+        if module.merged:
+            raise RuntimeError(f"module {name!r}: adapter {module.merged_adapter!r} is merged into its weight; "
+                               f"unmerge(model) before adding {adapter_name!r} (a DoRA magnitude or a PiSSA/OLoRA "
+                               "init would be computed from the merged weight)")
+        residual = getattr(module, "_residual_adapter", None)
+        if residual is not None:
+            raise ValueError(f"module {name!r}: adapter {residual[0]!r} (init={residual[1]!r}) replaced the frozen "
+                             f"weight by its residual, which would be shared with {adapter_name!r}; a pissa/olora "
+                             "adapter must be the only one on its layers")
+        if rewrites_weight(init) and len(module.adapters):
+            raise ValueError(f"module {name!r}: init={init!r} rewrites the frozen weight, which is shared with "
+                             f"adapters {list(module.adapters)}; a pissa/olora adapter must be the only one on its "
+                             "layers")
     if isinstance(base, nn.Embedding):
-        if kw["use_dora"] or kw["enable_lora"] is not None or kw["init"] != "kaiming":
+        if use_dora or enable_lora is not None or init != "kaiming":
             raise ValueError(f"module {name!r} is an Embedding: only plain LoRA (no DoRA, enable_lora or "
-                             "PiSSA) is supported there")
+                             "PiSSA/OLoRA) is supported there")
         return
+    if rewrites_weight(init):
+        tied = _tied_to(model, name, base.weight)
+        if tied is not None:
+            raise ValueError(f"module {name!r}: init={init!r} would rewrite its weight, which is tied to {tied!r}")
     out = base.weight.shape[1] if is_conv1d(base) else base.weight.shape[0]
-    if kw["enable_lora"] is not None:
-        if out % len(kw["enable_lora"]):
-            raise ValueError(f"enable_lora for {name!r} has {len(kw['enable_lora'])} slices, which do not divide "
+    if enable_lora is not None:
+        if out % len(enable_lora):
+            raise ValueError(f"enable_lora for {name!r} has {len(enable_lora)} slices, which do not divide "
                              f"its {out} outputs")
-        if kw["init"] != "kaiming" and kw["init"] != "gaussian":
-            raise ValueError(f"init={kw['init']!r} is not supported with enable_lora (module {name!r})")
+        if init not in ("kaiming", "gaussian"):
+            raise ValueError(f"init={init!r} is not supported with enable_lora (module {name!r})")
+
+
+def _check_target(model, config, name, module, adapter_name):
+    kw = _adapter_kwargs(model, config, name)
+    _check_new_adapter(model, name, module, adapter_name, kw["init"], kw["enable_lora"], kw["use_dora"])
+
+
+def _check_adapter_name(adapter_name) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
 
 
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", backend: str | None = None) -> list[str]:
     """Add adapter ``adapter_name`` to the modules ``config`` targets; return their names.
 
     A plain Linear / Conv1D / Embedding is replaced by a LoRA layer wrapping it (frozen); a module
-    that already is one gets another adapter. Everything is validated before anything changes.
+    that already is one gets another adapter. Everything is validated before anything changes, and a
+    failure part-way (e.g. an SVD) puts the model back exactly as it was. Refused: the model itself
+    as a target, modules whose parent bypasses their forward (MultiheadAttention.out_proj,
+    TransformerEncoderLayer; "all-linear" skips them with a warning), layers whose adapter is merged,
+    PiSSA/OLoRA next to another adapter on a layer or on a tied weight.
     Then only the active adapters' parameters (and biases per ``config.bias``) are left trainable.
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a lora_kernels.LoraConfig, got {type(config).__name__}")
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
+    _check_adapter_name(adapter_name)
     names = resolve_targets(model, config)
     modules = adaptable_modules(model)
     for name in names:
         _check_target(model, config, name, modules[name], adapter_name)
     previous = _active_name(model)
-    for name in names:
-        module = modules[name]
-        kw = _adapter_kwargs(model, config, name)
-        if isinstance(module, LORA_LAYERS):
-            module.add_adapter(adapter_name, **kw)
-        elif isinstance(module, nn.Embedding):
-            new = LoRAEmbedding(module, kw["rank"], kw["alpha"], use_rslora=kw["use_rslora"], backend=backend,
-                                adapter_name=adapter_name)
-            _set_module(model, name, new.train(module.training))
-        else:
-            new = LoRALinear(module, adapter_name=adapter_name, backend=backend, **kw)
-            _set_module(model, name, new.train(module.training))
-    configs = dict(getattr(model, "lora_configs", {}) or {})
-    configs[adapter_name] = config
-    model.lora_configs = configs
-    _finish_adding(model, previous, adapter_name)
+    rewritten = [_base_of(modules[n]).weight for n in names
+                 if rewrites_weight(_adapter_kwargs(model, config, n)["init"])]
+    with _all_or_nothing(model, rewritten):
+        for name in names:
+            module = modules[name]
+            kw = _adapter_kwargs(model, config, name)
+            if isinstance(module, LORA_LAYERS):
+                module.add_adapter(adapter_name, **kw)
+            elif isinstance(module, nn.Embedding):
+                new = LoRAEmbedding(module, kw["rank"], kw["alpha"], use_rslora=kw["use_rslora"], backend=backend,
+                                    adapter_name=adapter_name)
+                _set_module(model, name, new.train(module.training))
+            else:
+                new = LoRALinear(module, adapter_name=adapter_name, backend=backend, **kw)
+                _set_module(model, name, new.train(module.training))
+        configs = dict(getattr(model, "lora_configs", {}) or {})
+        configs[adapter_name] = config
+        model.lora_configs = configs
+        _finish_adding(model, previous, adapter_name)
     return names
 
 
@@ -228,13 +320,14 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
     for layer in all_layers:
         if layer.merged and layer.merged_adapter != adapter_name:
             raise RuntimeError(f"adapter {layer.merged_adapter!r} is merged; unmerge(model) before switching")
-    for layer in all_layers:
-        if adapter_name in layer.adapters:
-            layer.set_adapter(adapter_name)
-        else:
-            layer.active_adapter = None
-    cfg = getattr(model, "lora_configs", {}).get(adapter_name)
-    mark_only_lora_as_trainable(model, bias=cfg.bias if cfg else "none")
+    with _all_or_nothing(model):
+        for layer in all_layers:
+            if adapter_name in layer.adapters:
+                layer.set_adapter(adapter_name)
+            else:
+                layer.active_adapter = None
+        cfg = getattr(model, "lora_configs", {}).get(adapter_name)
+        mark_only_lora_as_trainable(model, bias=cfg.bias if cfg else "none")
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -245,9 +338,12 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     for layer in layers:
         if layer.active_adapter == adapter_name:
             raise RuntimeError(f"adapter {adapter_name!r} is active; set_adapter(model, other) before deleting it")
-    for layer in layers:
-        layer.delete_adapter(adapter_name)
-    getattr(model, "lora_configs", {}).pop(adapter_name, None)
+    with _all_or_nothing(model):
+        for layer in layers:
+            layer.delete_adapter(adapter_name)
+        configs = dict(getattr(model, "lora_configs", {}) or {})
+        configs.pop(adapter_name, None)
+        model.lora_configs = configs
 
 
 @contextlib.contextmanager
@@ -270,60 +366,101 @@ def adapters_disabled(model: nn.Module):
 # merge
 
 
-def _check_no_tied_embedding(model: nn.Module) -> None:
-    """Merging into an embedding whose weight is tied to another module (GPT-2's wte and lm_head)
-    would also change that module: refuse, naming both."""
-    for name, layer in lora_layers(model).items():
-        if not isinstance(layer, LoRAEmbedding) or layer.active_adapter is None:
-            continue
-        w = layer.base_layer.weight
-        for other, module in model.named_modules():
-            if module is layer.base_layer or other.startswith(name + "."):
-                continue
-            if any(p is w for p in module.parameters(recurse=False)):
-                raise RuntimeError(f"cannot merge the adapter of embedding {name!r}: its weight is tied to "
-                                   f"{other!r}, which merging would change too (untie the weights, or keep the "
-                                   "embedding adapter unmerged)")
+def _check_no_tied_weights(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    """Merging into a weight tied to another module (GPT-2's wte and lm_head) would change that module
+    too (PEFT does so): refuse, naming both."""
+    for name, layer in layers.items():
+        tied = _tied_to(model, name, layer.base_layer.weight)
+        if tied is not None:
+            raise RuntimeError(f"cannot merge the adapter of {name!r}: its weight is tied to {tied!r}, which merging "
+                               f"would change too (untie the weights, or keep this adapter unmerged)")
 
 
 def _with_active(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in lora_layers(model).items() if m.active_adapter is not None}
 
 
-def merge(model: nn.Module) -> None:
-    """Fold every layer's active adapter into its base weight (layers without one are left alone)."""
-    _check_no_tied_embedding(model)
-    for layer in _with_active(model).values():
-        if not layer.merged:
+def _to_merge(model: nn.Module, allow_none: bool = False) -> dict[str, nn.Module]:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRA layers: nothing to merge (inject or load an adapter "
+                         "first)")
+    todo = {n: m for n, m in layers.items() if m.active_adapter is not None and not m.merged}
+    if not todo and not allow_none:
+        if any(m.merged for m in layers.values()):
+            raise RuntimeError("the active adapter is already merged into every layer that has it")
+        raise RuntimeError("no layer has an active adapter: set_adapter(model, name) first")
+    return todo
+
+
+@torch.no_grad()
+def _merge_checked(model: nn.Module, safe: bool, allow_none: bool = False) -> None:
+    """Check every layer first (tied weights, DoRA scale m/n zero or non-finite, and with ``safe``
+    NaN/inf in the merged weight), then merge them all; a failure part-way unmerges what was merged."""
+    todo = _to_merge(model, allow_none)
+    _check_no_tied_weights(model, todo)
+    for name, layer in todo.items():
+        dora = isinstance(layer, LoRALinear) and layer.use_dora
+        c = None
+        if dora:
+            c = layer.lora_magnitude.float() / layer.dora_weight_norm().float()
+            if not torch.isfinite(c).all() or (c == 0).any():
+                raise RuntimeError(f"cannot merge {name!r}: the DoRA scale m/n of adapter {layer.active_adapter!r} "
+                                   "has zero or non-finite entries, so the merge could not be undone; nothing was "
+                                   "merged")
+        if safe:
+            w = layer.weight.float() + layer.delta_weight()
+            if c is not None:
+                w = w * c[:, None]
+            if not torch.isfinite(w.to(layer.weight.dtype)).all():
+                raise ValueError(f"safe_merge: merging the adapter of {name!r} would put NaN/inf into its weight; "
+                                 "nothing was merged")
+    done = []
+    try:
+        for layer in todo.values():
             layer.merge()
+            done.append(layer)
+    except BaseException:
+        for layer in reversed(done):
+            layer.unmerge()
+        raise
+
+
+def merge(model: nn.Module) -> None:
+    """Fold every layer's active adapter into its base weight (layers without one are left alone).
+    Everything is checked first: on an error nothing is merged."""
+    _merge_checked(model, safe=False)
 
 
 def safe_merge(model: nn.Module) -> None:
     """Like :func:`merge`, but first checks every merged weight for NaN/inf; if any is not finite,
     nothing is written anywhere and a ValueError names the layer."""
-    _check_no_tied_embedding(model)
-    for name, layer in _with_active(model).items():
-        if layer.merged:
-            continue
-        with torch.no_grad():
-            w = layer.weight.float() + layer.delta_weight()
-            if isinstance(layer, LoRALinear) and layer.use_dora:
-                w = w * (layer.lora_magnitude.float() / layer.dora_weight_norm().float())[:, None]
-            if not torch.isfinite(w.to(layer.weight.dtype)).all():
-                raise ValueError(f"safe_merge: merging the adapter of {name!r} would put NaN/inf into its weight; "
-                                 "nothing was merged")
-    merge(model)
+    _merge_checked(model, safe=True)
 
 
 def unmerge(model: nn.Module) -> None:
-    for layer in lora_layers(model).values():
-        if layer.merged:
+    """Take every merged adapter out of its weight again."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRA layers: nothing to unmerge")
+    merged = [m for m in layers.values() if m.merged]
+    if not merged:
+        raise RuntimeError("nothing is merged: unmerge() has nothing to undo")
+    done = []
+    try:
+        for layer in merged:
             layer.unmerge()
+            done.append(layer)
+    except BaseException:
+        for layer in reversed(done):
+            layer.merge()
+        raise
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge the active adapters and put the plain base modules back (no LoRA layer is left)."""
-    merge(model)
+    """Merge the active adapters (those not merged yet) and put the plain base modules back (no LoRA
+    layer is left)."""
+    _merge_checked(model, safe=False, allow_none=True)
     for name, layer in lora_layers(model).items():
         _set_module(model, name, layer.base_layer)
     if hasattr(model, "lora_configs"):
@@ -400,61 +537,102 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
 
 
 def _peft_config_dict(model, config: LoraConfig, adapter_name: str) -> tuple[dict, dict]:
-    """(adapter_config.json content, sidecar content) for ``adapter_name``."""
+    """(adapter_config.json content, sidecar content) for ``adapter_name``.
+
+    The sidecar records every layer's own settings (rank, alpha, rsLoRA, dropout, init: an adapter
+    name may span several inject calls with different configs), so our round trip is exact; the PEFT
+    config expresses the same scales through rank_pattern / alpha_pattern under its global use_rslora.
+    """
     layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.adapters}
-    rank_pattern, alpha_pattern, enable = {}, {}, {}
+    rank_pattern, alpha_pattern, enable, per_layer = {}, {}, {}, {}
+    inits, doras = set(), set()
     any_conv1d = False
     for name, layer in layers.items():
         a = layer.adapters[adapter_name]
+        init = getattr(a, "init", "kaiming")
+        per_layer[name] = {"rank": a.rank, "alpha": a.alpha, "use_rslora": a.use_rslora, "dropout": a.dropout,
+                           "init": init}
+        inits.add(init if rewrites_weight(init) else "plain")
+        if isinstance(layer, LoRALinear):
+            doras.add(a.use_dora)
         rank, alpha = a.rank, a.alpha
+        slices = 1
         if a.enable_lora is not None:  # a rank r·S PEFT adapter with the same scale
             slices = sum(a.enable_lora)
             enable[name] = a.enable_lora
             rank = a.rank * slices
-            alpha = a.alpha * (math.sqrt(slices) if a.use_rslora else slices)
+        if a.use_rslora == config.use_rslora:
+            alpha = a.alpha * ((math.sqrt(slices) if a.use_rslora else slices) if slices > 1 else 1)
+        else:  # PEFT applies the file's use_rslora to every layer: give it the alpha with our scale
+            alpha = a.scale * (math.sqrt(rank) if config.use_rslora else rank)
         if rank != config.rank:
             rank_pattern[re.escape(name)] = rank
         if alpha != config.alpha:
             alpha_pattern[re.escape(name)] = alpha
         any_conv1d |= isinstance(layer, LoRALinear) and layer.fan_in_fan_out
+    if len(inits) > 1 and inits - {"plain"}:
+        raise ValueError(f"adapter {adapter_name!r} mixes initialisations {sorted(inits)} across layers; PEFT's "
+                         "adapter_config.json has one init_lora_weights for all, so the file would reload wrongly "
+                         "there. Save the layers as separate adapters")
+    if len(doras) > 1:
+        raise ValueError(f"adapter {adapter_name!r} is DoRA on some layers and LoRA on others; PEFT's "
+                         "adapter_config.json has one use_dora for all. Save them as separate adapters")
+    init = next(iter(inits)) if len(inits) == 1 else "plain"
     peft_cfg = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True, "base_model_name_or_path": None,
         "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
         "target_modules": sorted(layers), "exclude_modules": None, "use_rslora": config.use_rslora,
-        "use_dora": config.use_dora, "bias": config.bias, "fan_in_fan_out": any_conv1d,
+        "use_dora": True in doras, "bias": config.bias, "fan_in_fan_out": any_conv1d,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        # PiSSA adapters belong to the residual weight W − s·B0·A0: loaders (PEFT too) redo the SVD first
-        "init_lora_weights": "pissa" if config.init == "pissa" else True,
+        # PiSSA/OLoRA adapters belong to the residual weight W − s·B0·A0: loaders (PEFT too) redo it first
+        "init_lora_weights": init if init in ("pissa", "olora") else True,
         "modules_to_save": None,
     }
-    sidecar = {"format": 1, "adapter_name": adapter_name, "enable_lora": enable, "init": config.init}
+    sidecar = {"format": 2, "adapter_name": adapter_name, "enable_lora": enable, "init": config.init,
+               "layers": per_layer}
     return peft_cfg, sidecar
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> None:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT's format; PEFT's
-    ``PeftModel.from_pretrained`` loads them) and a small ``lora_kernels.json`` sidecar."""
-    from safetensors.torch import save_file
+    ``PeftModel.from_pretrained`` loads them) and a small ``lora_kernels.json`` sidecar.
+
+    Atomic: the files are written into a new directory beside ``directory``, which then replaces it
+    in one step (other files already in ``directory`` are kept). A crash at any point leaves the old
+    adapter or the new one, never a mix (see ``lora_kernels._atomic_io``)."""
+    from safetensors.torch import save as to_bytes
 
     cfg = getattr(model, "lora_configs", {}).get(adapter_name)
     if cfg is None:
         raise KeyError(f"no adapter named {adapter_name!r} was injected into this model "
                        f"(adapters: {list_adapters(model)})")
-    if cfg.init.startswith("pissa_niter_"):
-        raise ValueError(f"adapter {adapter_name!r} was initialised with {cfg.init!r}: its randomized SVD cannot be "
-                         "redone at load time, so the saved A and B would not match the residual weight. Use "
-                         "init='pissa' (exact SVD), or merge_and_unload(model) and save the full model")
+    for name, layer in lora_layers(model).items():
+        a = layer.adapters[adapter_name] if adapter_name in layer.adapters else None
+        init = getattr(a, "init", "kaiming") if a is not None else "kaiming"
+        if init.startswith("pissa_niter_"):
+            raise ValueError(f"adapter {adapter_name!r} was initialised with {init!r} (module {name!r}): its "
+                             "randomized SVD cannot be redone at load time, so the saved A and B would not match the "
+                             "residual weight. Use init='pissa' (exact SVD), or merge_and_unload(model) and save the "
+                             "full model")
     tensors = lora_state_dict(model, adapter_name)
     peft_cfg, sidecar = _peft_config_dict(model, cfg, adapter_name)
-    os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
-        json.dump(peft_cfg, f, indent=2)
-    with open(os.path.join(directory, SIDECAR), "w") as f:
-        json.dump(sidecar, f, indent=2)
+    files = {
+        ADAPTER_WEIGHTS: to_bytes({k: v.cpu() for k, v in tensors.items()}, metadata={"format": "pt"}),
+        ADAPTER_CONFIG: json.dumps(peft_cfg, indent=2, allow_nan=False).encode(),
+        SIDECAR: json.dumps(sidecar, indent=2, allow_nan=False).encode(),
+    }
+    _atomic_io.replace_directory(directory, files)
 
 
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B")
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
 
 
 def _read_adapter_files(directory):
@@ -462,19 +640,16 @@ def _read_adapter_files(directory):
     from safetensors.torch import load_file
 
     directory = os.fspath(directory)
+    _atomic_io.recover(directory)  # a save killed between its two renames (systems without renameat2)
     cfg_path, w_path = os.path.join(directory, ADAPTER_CONFIG), os.path.join(directory, ADAPTER_WEIGHTS)
     for path in (cfg_path, w_path):
         if not os.path.isfile(path):
             if os.path.isfile(os.path.join(directory, "adapter_model.bin")) and path == w_path:
                 raise ValueError(f"{directory} holds a pickled adapter_model.bin; lora_kernels reads safetensors only")
             raise FileNotFoundError(f"adapter file not found: {path}")
-    try:
-        with open(cfg_path) as f:
-            peft_cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{cfg_path} is not valid JSON: {exc}") from exc
-    if not isinstance(peft_cfg, dict) or peft_cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{cfg_path}: expected a LoRA adapter config (peft_type 'LORA')")
+    peft_cfg = _read_json(cfg_path)
+    if not isinstance(peft_cfg, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object (a PEFT LoRA config), got {type(peft_cfg).__name__}")
     try:
         tensors = load_file(w_path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -482,26 +657,44 @@ def _read_adapter_files(directory):
     sidecar = {}
     side_path = os.path.join(directory, SIDECAR)
     if os.path.isfile(side_path):
+        sidecar = _check_sidecar(_read_json(side_path), side_path)
+    return peft_cfg, tensors, sidecar, cfg_path
+
+
+def _check_sidecar(sidecar, path: str) -> dict:
+    """lora_kernels.json, validated field by field (errors name the file and the field)."""
+    if not isinstance(sidecar, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(sidecar).__name__}")
+    enable = sidecar.get("enable_lora") or {}
+    if not isinstance(enable, dict):
+        raise ValueError(f"{path}: enable_lora must be an object {{module: [bool, ...]}}, got {enable!r}")
+    for name, mask in enable.items():
+        if not isinstance(mask, list) or not mask or not all(isinstance(b, bool) for b in mask) or not any(mask):
+            raise ValueError(f"{path}: enable_lora[{name!r}] must be a non-empty list of true/false with at least one "
+                             f"true, got {mask!r}")
+    layers = sidecar.get("layers") or {}
+    if not isinstance(layers, dict):
+        raise ValueError(f"{path}: layers must be an object {{module: settings}}, got {layers!r}")
+    for name, entry in layers.items():
+        where = f"{path}: layers[{name!r}]"
+        if not isinstance(entry, dict) or "rank" not in entry or "alpha" not in entry:
+            raise ValueError(f"{where} must be an object with rank and alpha, got {entry!r}")
         try:
-            with open(side_path) as f:
-                sidecar = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{side_path} is not valid JSON: {exc}") from exc
-    return peft_cfg, tensors, sidecar
+            LoraConfig(rank=entry.get("rank"), alpha=entry.get("alpha"), dropout=entry.get("dropout", 0.0),
+                       use_rslora=entry.get("use_rslora", False), init=entry.get("init", "kaiming"))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if entry.get("init", "kaiming") not in INITS:
+            raise ValueError(f"{where}: init {entry.get('init')!r} cannot be reloaded (one of {INITS})")
+    return {"enable_lora": enable, "layers": layers}
 
 
-def _config_from_peft(peft_cfg: dict, sidecar: dict, modules: list[str]) -> LoraConfig:
+def _config_from_peft(peft_cfg: dict, modules: list[str], path: str) -> LoraConfig:
+    kwargs = read_peft_config(peft_cfg, path)
     try:
-        return LoraConfig(
-            rank=peft_cfg.get("r", 8), alpha=peft_cfg.get("lora_alpha"), dropout=peft_cfg.get("lora_dropout", 0.0),
-            target_modules=list(modules),
-            use_rslora=bool(peft_cfg.get("use_rslora", False)), use_dora=bool(peft_cfg.get("use_dora", False)),
-            bias=peft_cfg.get("bias", "none"), rank_pattern=dict(peft_cfg.get("rank_pattern") or {}),
-            alpha_pattern=dict(peft_cfg.get("alpha_pattern") or {}),
-            init="pissa" if peft_cfg.get("init_lora_weights") == "pissa" else "kaiming",
-        )
+        return LoraConfig(target_modules=list(modules), source=path, **kwargs)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"adapter_config.json has invalid settings: {exc}") from exc
+        raise ValueError(f"{path} has invalid settings: {exc}") from None
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
@@ -509,9 +702,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     """Load an adapter saved by :func:`save_adapter` or by PEFT (``save_pretrained``) into ``model``.
 
     Every file, key, shape and rank is checked before the model is touched; on any error the model
-    is left as it was. Returns the adapted module names. Tensors are cast to the layers' dtype.
+    is left exactly as it was (weights, requires_grad, modules, flags). PEFT config keys that change
+    the maths are applied or refused by name (docs/guarantees.md). Returns the adapted module names.
+    Tensors are cast to the layers' dtype.
     """
-    peft_cfg, tensors, sidecar = _read_adapter_files(directory)
+    _check_adapter_name(adapter_name)
+    peft_cfg, tensors, sidecar, cfg_path = _read_adapter_files(directory)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     biases = {}
     base_weights = {}  # PEFT saves a targeted embedding's full base weight (save_embedding_layers)
@@ -529,6 +725,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
                 continue
             raise ValueError(f"unexpected key {key!r} in {ADAPTER_WEIGHTS}")
         by_module.setdefault(rest[: -len(suffix)], {})[suffix] = value
+    config = _config_from_peft(peft_cfg, sorted(by_module), cfg_path)
     modules = adaptable_modules(model)
     for name, value in base_weights.items():
         target = modules.get(name)
@@ -541,6 +738,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     missing = sorted(m for m in by_module if m not in modules)
     if missing:
         raise ValueError(f"the adapter has weights for modules the model lacks: {missing}")
+    bypassed = _bypassed(model)
+    for name in by_module:
+        if name in bypassed:
+            raise ValueError(f"the adapter adapts {name!r}, which lora_kernels cannot adapt: {bypassed[name]}")
     params = dict(model.named_parameters())
     # PEFT's key for an adapted layer's bias is <module>.base_layer.bias; before we wrap the module
     # that parameter is still <module>.bias (the same tensor afterwards).
@@ -552,8 +753,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     bad_bias = sorted(b for b in biases if b not in params)
     if bad_bias:
         raise ValueError(f"the adapter has biases for parameters the model lacks: {bad_bias}")
-    config = _config_from_peft(peft_cfg, sidecar, sorted(by_module))
+    for pname, value in biases.items():
+        if tuple(value.shape) != tuple(params[pname].shape):
+            raise ValueError(f"bias {pname!r} in {ADAPTER_WEIGHTS} has shape {tuple(value.shape)}, the model's "
+                             f"{tuple(params[pname].shape)}")
     enable = dict(sidecar.get("enable_lora") or {})
+    recorded = dict(sidecar.get("layers") or {})
     plan = {}
     for name, parts in by_module.items():
         base = _base_of(modules[name])
@@ -566,15 +771,29 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             n_in, n_out = base.weight.shape
         else:
             n_in, n_out = (base.weight.shape if is_conv1d(base) else base.weight.shape[::-1])
-        total_rank = config.rank_for(name)
         mask = enable.get(name)
         slices = sum(mask) if mask else 1
-        if total_rank % slices:
-            raise ValueError(f"module {name!r}: rank {total_rank} is not divisible by its {slices} enabled slices")
+        own = recorded.get(name)
+        if own is not None:  # our own file: the layer's exact settings
+            rank, alpha, rslora, dropout, init = (own["rank"], own["alpha"], own.get("use_rslora", False),
+                                                  own.get("dropout", config.dropout), own.get("init", "kaiming"))
+            total_rank = rank * slices
+        else:
+            total_rank = config.rank_for(name)
+            if total_rank % slices:
+                raise ValueError(f"module {name!r}: rank {total_rank} is not divisible by its {slices} enabled slices")
+            rank, rslora, dropout, init = total_rank // slices, config.use_rslora, config.dropout, config.init
+            alpha = config.alpha_for(name)
+            if mask:
+                alpha = alpha / (math.sqrt(slices) if config.use_rslora else slices)
         if a.shape != (total_rank, n_in) or b.shape != (n_out, total_rank):
-            raise ValueError(f"module {name!r}: adapter_config.json says rank {total_rank}, so lora_A must be "
+            raise ValueError(f"module {name!r}: the config says rank {total_rank}, so lora_A must be "
                              f"{(total_rank, n_in)} and lora_B {(n_out, total_rank)}; the file has "
                              f"{tuple(a.shape)} and {tuple(b.shape)}")
+        for label, t in (("lora_A", a), ("lora_B", b)):
+            if not t.is_floating_point():
+                raise ValueError(f"module {name!r}: {label} in {ADAPTER_WEIGHTS} has dtype {t.dtype}, expected a "
+                                 "floating-point tensor")
         if embedding and ".lora_magnitude_vector" in parts:
             raise ValueError(f"module {name!r} is an Embedding with a DoRA magnitude: lora_kernels supports plain "
                              "LoRA on embeddings only")
@@ -583,40 +802,30 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         if ".lora_magnitude_vector" in parts and parts[".lora_magnitude_vector"].shape != (n_out,):
             raise ValueError(f"module {name!r}: lora_magnitude_vector must have shape {(n_out,)}, "
                              f"got {tuple(parts['.lora_magnitude_vector'].shape)}")
-        plan[name] = (a, b, parts.get(".lora_magnitude_vector"), mask, total_rank // slices)
-    for name in plan:
-        if isinstance(modules[name], LORA_LAYERS) and adapter_name in modules[name].adapters:
-            raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}")
+        if embedding:
+            init = "kaiming"
+        mag = parts.get(".lora_magnitude_vector")
+        _check_new_adapter(model, name, modules[name], adapter_name, init, mask, mag is not None)
+        plan[name] = (a, b, mag, mask, dict(rank=rank, alpha=alpha, dropout=dropout, use_rslora=rslora,
+                                            use_dora=mag is not None, enable_lora=mask, init=init))
 
     # Everything checked: build the adapters. Any failure from here on restores the model.
     previous = _active_name(model)
-    replaced, added = [], []
-    pissa_weights = {}  # PiSSA rewrites the frozen weight (the residual): keep it to restore on failure
-    if config.init == "pissa":
-        pissa_weights = {name: _base_of(modules[name]).weight.detach().clone() for name in plan}
-    try:
-        for name, (a, b, mag, mask, rank) in plan.items():
+    touched = [_base_of(modules[n]).weight for n, p in plan.items() if rewrites_weight(p[4]["init"])]
+    touched += [params[p] for p in biases] + [_base_of(modules[n]).weight for n in base_weights]
+    with _all_or_nothing(model, touched):
+        for name, (a, b, mag, mask, kw) in plan.items():
             module = modules[name]
-            alpha = config.alpha_for(name)
-            if mask:
-                slices = sum(mask)
-                alpha = alpha / (math.sqrt(slices) if config.use_rslora else slices)
-            kw = dict(rank=rank, alpha=alpha, dropout=config.dropout, use_rslora=config.use_rslora,
-                      use_dora=mag is not None, enable_lora=mask,
-                      init=config.init if not isinstance(_base_of(module), nn.Embedding) else "kaiming")
             if isinstance(module, LORA_LAYERS):
                 module.add_adapter(adapter_name, **kw)
                 layer = module
-                added.append(layer)
             elif isinstance(module, nn.Embedding):
-                layer = LoRAEmbedding(module, rank, alpha, use_rslora=config.use_rslora, backend=backend,
+                layer = LoRAEmbedding(module, kw["rank"], kw["alpha"], use_rslora=kw["use_rslora"], backend=backend,
                                       adapter_name=adapter_name).train(module.training)
                 _set_module(model, name, layer)
-                replaced.append((name, module))
             else:
                 layer = LoRALinear(module, adapter_name=adapter_name, backend=backend, **kw).train(module.training)
                 _set_module(model, name, layer)
-                replaced.append((name, module))
             _copy_adapter(layer.adapters[adapter_name], a, b, mag, name)
         with torch.no_grad():
             for pname, value in biases.items():
@@ -625,22 +834,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
                 emb = model.get_submodule(name).base_layer.weight
                 if not torch.equal(emb, value.to(emb.dtype)):
                     emb.copy_(value.to(emb.dtype))
-    except Exception:
-        for layer in added:
-            if adapter_name in layer.adapters:
-                if layer.active_adapter == adapter_name:
-                    layer.active_adapter = next((n for n in layer.adapters if n != adapter_name), None)
-                del layer.adapters[adapter_name]
-        for name, original in replaced:
-            _set_module(model, name, original)
-        with torch.no_grad():
-            for name, weight in pissa_weights.items():
-                _base_of(modules[name]).weight.copy_(weight)
-        raise
-    configs = dict(getattr(model, "lora_configs", {}) or {})
-    configs[adapter_name] = config
-    model.lora_configs = configs
-    _finish_adding(model, previous, adapter_name)
+        configs = dict(getattr(model, "lora_configs", {}) or {})
+        configs[adapter_name] = config
+        model.lora_configs = configs
+        _finish_adding(model, previous, adapter_name)
     return sorted(plan)
 
 
