@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import DEFAULT_ENABLE_LORA, DEFAULT_TARGETS, LoraConfig
 from .layers import LORA_LAYERS, LoRAEmbedding, LoRALinear, is_conv1d
+from .qlora_layers import in_out_features, is_quantized_linear, lora_layer_class, quantize_modules
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -25,7 +26,7 @@ PEFT_PREFIX = "base_model.model."
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_quantized_linear(module)
 
 
 def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -134,6 +135,8 @@ def _check_target(model, config, name, module, adapter_name):
                              "PiSSA) is supported there")
         return
     out = base.weight.shape[1] if is_conv1d(base) else base.weight.shape[0]
+    if is_quantized_linear(base):  # QLoRA (issue 17): bitsandbytes' weight has the packed shape
+        out = in_out_features(base)[1]
     if kw["enable_lora"] is not None:
         if out % len(kw["enable_lora"]):
             raise ValueError(f"enable_lora for {name!r} has {len(kw['enable_lora'])} slices, which do not divide "
@@ -142,12 +145,17 @@ def _check_target(model, config, name, module, adapter_name):
             raise ValueError(f"init={kw['init']!r} is not supported with enable_lora (module {name!r})")
 
 
-def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", backend: str | None = None) -> list[str]:
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", backend: str | None = None,
+           quantize: str | None = None) -> list[str]:
     """Add adapter ``adapter_name`` to the modules ``config`` targets; return their names.
 
     A plain Linear / Conv1D / Embedding is replaced by a LoRA layer wrapping it (frozen); a module
     that already is one gets another adapter. Everything is validated before anything changes.
     Then only the active adapters' parameters (and biases per ``config.bias``) are left trainable.
+
+    ``quantize``: 'nf4' | 'fp4' quantises the targeted Linear layers to 4 bits first (QLoRA, bitsandbytes'
+    format, blocksize 64, nested statistics; see lora_kernels.qlora_layers). Layers that already are
+    4-bit (ours or bitsandbytes' Linear4bit) are adapted as they are, with or without this argument.
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a lora_kernels.LoraConfig, got {type(config).__name__}")
@@ -157,6 +165,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
     modules = adaptable_modules(model)
     for name in names:
         _check_target(model, config, name, modules[name], adapter_name)
+    if quantize is not None:  # QLoRA (issue 17)
+        quantize_modules(model, names, quantize)
+        modules = adaptable_modules(model)
     previous = _active_name(model)
     for name in names:
         module = modules[name]
@@ -168,7 +179,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
                                 adapter_name=adapter_name)
             _set_module(model, name, new.train(module.training))
         else:
-            new = LoRALinear(module, adapter_name=adapter_name, backend=backend, **kw)
+            new = lora_layer_class(module)(module, adapter_name=adapter_name, backend=backend, **kw)
             _set_module(model, name, new.train(module.training))
     configs = dict(getattr(model, "lora_configs", {}) or {})
     configs[adapter_name] = config
@@ -566,6 +577,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             n_in, n_out = base.weight.shape
         else:
             n_in, n_out = (base.weight.shape if is_conv1d(base) else base.weight.shape[::-1])
+            if is_quantized_linear(base):  # QLoRA (issue 17)
+                n_in, n_out = in_out_features(base)
         total_rank = config.rank_for(name)
         mask = enable.get(name)
         slices = sum(mask) if mask else 1
@@ -614,7 +627,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
                 _set_module(model, name, layer)
                 replaced.append((name, module))
             else:
-                layer = LoRALinear(module, adapter_name=adapter_name, backend=backend, **kw).train(module.training)
+                layer = lora_layer_class(module)(module, adapter_name=adapter_name, backend=backend,
+                                                 **kw).train(module.training)
                 _set_module(model, name, layer)
                 replaced.append((name, module))
             _copy_adapter(layer.adapters[adapter_name], a, b, mag, name)

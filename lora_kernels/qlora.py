@@ -179,3 +179,47 @@ def dora_linear(x, weight: QuantizedWeight, lora_a, lora_b, magnitude, scale, bi
     impl = resolve_backend(backend, x2d, weight.shape[0], lora_a.shape[0])
     y = _QDoraLinear.apply(x2d, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, impl, seed_tensor)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class _QLinear(torch.autograd.Function):
+    """y = x·deq(Q)ᵀ + b with dx = g·deq(Q): the frozen 4-bit layer alone (W never saved)."""
+
+    @staticmethod
+    def forward(ctx, x, qw, bias, impl):
+        from .functions import _autocast_off
+
+        with _autocast_off(x.device):
+            w = dequantize_weight(qw, x.dtype, impl)
+            y = torch.addmm(bias, x, w.t()) if bias is not None else x @ w.t()
+        ctx.qw, ctx.impl, ctx.dtype = qw, impl, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ dequantize_weight(ctx.qw, ctx.dtype, ctx.impl)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_y.sum(0)
+        return grad_x, None, grad_bias, None
+
+
+def linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None,
+           backend: str | None = None) -> torch.Tensor:
+    """F.linear with a 4-bit weight, computed in x's dtype (W dequantised into the scratch buffer and
+    again in backward, never saved)."""
+    from .backends import resolve_backend
+
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a floating torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal the 4-bit weight's in_features "
+                         f"{weight.shape[1]} (weight shape {tuple(weight.shape)})")
+    _check_quantized(weight, x)
+    x2d = x.reshape(-1, x.shape[-1])
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    impl = resolve_backend(backend, x2d, weight.shape[0], 1)
+    if impl == "fused":  # there is no Triton GEMM without an adapter: cuBLAS on the dequantised weight
+        impl = "hybrid"
+    return _QLinear.apply(x2d, weight, bias, impl).reshape(*x.shape[:-1], weight.shape[0])
