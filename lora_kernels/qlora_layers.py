@@ -120,6 +120,7 @@ class QuantLinear(nn.Module):
                                   compute_dtype=self.compute_dtype, compress_statistics=qw.nested is not None,
                                   quant_type=qw.quant_type, device="meta")
         _set_bnb_weight(layer, qw)
+        _keep_bnb_layout(layer)
         if self.bias is not None:
             layer.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
         return layer.train(self.training)
@@ -139,6 +140,13 @@ def _set_bnb_weight(layer: nn.Module, qw: QuantizedWeight) -> None:
                                      quant_type=qw.quant_type, quant_storage=torch.uint8, bnb_quantized=True,
                                      module=layer)
     layer.quant_state = state
+
+
+def _keep_bnb_layout(layer: nn.Module) -> None:
+    """bitsandbytes repacks a Linear4bit's bytes for its CPU kernel on the first eval forward without
+    grad (machines with AVX512-BF16); lora_kernels reads the standard layout, so that is switched off."""
+    if is_bnb_linear4bit(layer) and hasattr(layer, "support_avx512bf16_for_cpu"):
+        layer.support_avx512bf16_for_cpu = False
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
@@ -173,6 +181,7 @@ class QLoRALinear(LoRALinear):
                             f"{type(base_layer).__name__}")
         self.base_layer = base_layer
         self.fan_in_fan_out = False
+        _keep_bnb_layout(base_layer)
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self._init_host(backend)

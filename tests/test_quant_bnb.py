@@ -79,9 +79,11 @@ def test_dequantize_equals_bitsandbytes(quant_type, blocksize, dtype, nested):
         ref = _dequantize_4bit_compute(packed.reshape(-1), absmax, BF.get_4bit_type(quant_type, "cpu"), blocksize,
                                        shape, dtype)
         assert torch.equal(_bits(mine), _bits(ref)), shape  # bit for bit, zeros' signs included
-        if shape[1] < blocksize and blocksize % shape[1] == 0:
-            # bitsandbytes' CPU C kernel mis-scales this layout (in_features dividing the blocksize,
-            # e.g. 64 with blocksize 128): its own reference computation above is the oracle here.
+        if shape[1] % 16 == 0 and shape[1] % blocksize != 0:
+            # bitsandbytes' CPU C kernel (its vectorised path, in_features a multiple of 16) mis-scales
+            # blocks that straddle rows (e.g. in_features 64 with blocksize 128, or 32, 48, 96 with
+            # 64; test_bnb_cpu_kernel_straddling_bug): its own reference computation above is the
+            # oracle for this layout.
             continue
         # the public API (CPU C kernel); FP4's zero code comes out as -0 there: equal as values
         assert torch.equal(mine, BF.dequantize_4bit(packed, state)), shape
@@ -127,3 +129,15 @@ def test_bad_bnb_state_refused():
     with pytest.raises(ValueError, match="no quant_state"):
         from_bnb(bnb.nn.Params4bit(w, quant_type="nf4"))
     assert isinstance(QuantizedWeight.from_bnb(packed, BF.quantize_4bit(w, quant_type="nf4")[1]), QuantizedWeight)
+
+
+def test_bnb_cpu_kernel_straddling_bug_is_where_we_say():
+    """Documents the bitsandbytes CPU-kernel discrepancy the comparisons above step around: for
+    in_features a multiple of 16 but not of the blocksize, bnb.functional.dequantize_4bit on CPU
+    disagrees with bitsandbytes' own reference computation (and with us); elsewhere it agrees.
+    If a bitsandbytes release fixes it, this test fails and the exclusion above can go."""
+    for k, blocksize in [(48, 64), (96, 64), (64, 128), (50, 64), (100, 64), (128, 64)]:
+        w = torch.randn(10, k)
+        packed, state = BF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
+        agrees = torch.equal(BF.dequantize_4bit(packed, state), dequantize(from_bnb(packed, state)))
+        assert agrees == (not (k % 16 == 0 and k % blocksize != 0)), (k, blocksize)
