@@ -11,7 +11,7 @@ from torch import nn
 
 import lora_kernels as lk
 from lora_kernels.peft import convert, unconvert
-from lora_kernels.qlora_layers import QLoRALinear, QuantLinear, quantize_linears
+from lora_kernels.qlora_layers import QLoRALinear, QuantLinear
 
 from .models import logits, randomize_adapters, tokens
 from .test_peft_compat import _SeededDropout
@@ -35,16 +35,26 @@ def _llama():
 
 
 def _models(quant_type="nf4"):
-    """(ours: QuantLinear layers, theirs: bitsandbytes Linear4bit layers with the same bytes)."""
-    ours = _llama()
-    quantize_linears(ours, quant_type)
-    theirs = copy.deepcopy(ours)
+    """(ours, theirs): theirs has its Linear layers (lm_head aside) replaced by bitsandbytes Linear4bit
+    layers quantised by bitsandbytes itself (nested statistics, blocksize 64); ours has QuantLinear
+    layers built from copies of those (same bytes)."""
+    theirs = _llama()
     for name, module in list(theirs.named_modules()):
-        if isinstance(module, QuantLinear):
+        if isinstance(module, nn.Linear) and not name.endswith("lm_head"):
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=torch.float32, compress_statistics=True, quant_type=quant_type)
+            layer.load_state_dict(module.state_dict())
+            layer = layer.to("cpu")  # bitsandbytes quantises here
             parent, _, attr = name.rpartition(".")
-            setattr(theirs.get_submodule(parent), attr, module.to_bnb())
+            setattr(theirs.get_submodule(parent), attr, layer)
     theirs.is_loaded_in_4bit = True  # what transformers sets for BitsAndBytesConfig(load_in_4bit=True); PEFT reads it
-    return ours.train(), theirs.train()  # train mode: no dropout in this config
+    ours = copy.deepcopy(theirs)
+    for name, module in list(ours.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            parent, _, attr = name.rpartition(".")
+            setattr(ours.get_submodule(parent), attr, QuantLinear.from_bnb(module))
+    del ours.is_loaded_in_4bit
+    return ours.train(), theirs.train()  # train mode: no dropout in this config; no CPU repacking by bnb
 
 
 def test_same_bytes_same_logits():
@@ -137,3 +147,24 @@ def test_inject_on_bitsandbytes_layers_directly():
         layer.merge()
     assert isinstance(layer.base_layer.weight, bnb.nn.Params4bit)
     layer.unmerge()
+
+
+def test_transformers_load_in_4bit_model_is_injected_as_is(tmp_path):
+    """A model loaded with BitsAndBytesConfig(load_in_4bit=True): its Linear4bit layers are adapted in
+    place; at step 0 (B = 0) the output is the 4-bit model's, and the adapters train."""
+    import transformers
+
+    _llama().save_pretrained(str(tmp_path))
+    qcfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), quantization_config=qcfg,
+                                                              device_map="cpu", dtype=torch.float32).train()
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    ids = tokens()
+    base = logits(model, ids).detach()
+    names = lk.inject(model, lk.LoraConfig(rank=4, target_modules=["q_proj", "v_proj"]))
+    assert len(names) == 4 and isinstance(model.model.layers[0].self_attn.q_proj, QLoRALinear)
+    torch.testing.assert_close(logits(model, ids), base, rtol=0, atol=0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
