@@ -216,6 +216,9 @@ def linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None =
         raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal the 4-bit weight's in_features "
                          f"{weight.shape[1]} (weight shape {tuple(weight.shape)})")
     _check_quantized(weight, x)
+    from .functional import _autocast
+
+    x, _, _, _, bias = _autocast(x, None, None, None, bias)  # as F.linear under torch.autocast
     x2d = x.reshape(-1, x.shape[-1])
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)

@@ -62,6 +62,17 @@ def test_triton_paths_against_reference(kernel_device, path, quant_type, blocksi
     _check(path, case, quant_type, blocksize, nested, device=kernel_device)
 
 
+@pytest.mark.interpreter
+def test_triton_hybrid_equals_dense_hybrid_bitwise(kernel_device):
+    """The Triton dequantiser is bit-exact, so the 4-bit hybrid path is the dense hybrid path on deq(Q)."""
+    case = LoraCase(m=16, n=40, k=72, r=4, dtype=torch.bfloat16, dropout_p=0.2)
+    q_inputs, dense_inputs = _quantized_inputs(case, "fp4", 64, True, device=kernel_device)
+    out = run_path("hybrid", case, q_inputs)
+    dense = run_path("hybrid", case, tuple(t.to(kernel_device) if t is not None else None for t in dense_inputs))
+    for k in out:
+        assert torch.equal(out[k], dense[k]), k
+
+
 def test_dequantised_weight_never_saved_for_backward():
     case = LoraCase(m=8, n=48, k=64, r=4, dropout_p=0.1)
     for dora in (False, True):

@@ -34,6 +34,8 @@ def test_quant_linear_forward_backward_and_dtype_moves():
     q16 = copy.deepcopy(q).to(torch.bfloat16)
     assert q16.weight_absmax.dtype == torch.uint8 and q16.weight_nested_absmax.dtype == torch.float32
     assert q16.bias.dtype == torch.bfloat16 and q16(x.detach().bfloat16()).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert q(x.detach()).dtype == torch.bfloat16
     fresh = QuantLinear.from_linear(nn.Linear(70, 24), "nf4", 64, compress_statistics=True)
     fresh.load_state_dict(q.state_dict())
     torch.testing.assert_close(fresh(x.detach()), y.detach())
