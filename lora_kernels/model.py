@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import DEFAULT_ENABLE_LORA, DEFAULT_TARGETS, LoraConfig
 from .layers import LORA_LAYERS, LoRAEmbedding, LoRALinear, is_conv1d
-from .qlora_layers import in_out_features, is_quantized_linear, lora_layer_class, quantize_modules
+from .qlora_layers import check_qlora_target, in_out_features, is_quantized_linear, lora_layer_class, quantize_modules
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -124,9 +124,11 @@ def _adapter_kwargs(model, config: LoraConfig, name: str) -> dict:
                 enable_lora=_effective_enable_lora(model, config, name))
 
 
-def _check_target(model, config, name, module, adapter_name):
+def _check_target(model, config, name, module, adapter_name, quantize=None):
     base = _base_of(module)
     kw = _adapter_kwargs(model, config, name)
+    if quantize is not None or is_quantized_linear(base):  # QLoRA (issue 17)
+        check_qlora_target(name, base, kw)
     if isinstance(module, LORA_LAYERS) and adapter_name in module.adapters:
         raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}")
     if isinstance(base, nn.Embedding):
@@ -164,7 +166,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
     names = resolve_targets(model, config)
     modules = adaptable_modules(model)
     for name in names:
-        _check_target(model, config, name, modules[name], adapter_name)
+        _check_target(model, config, name, modules[name], adapter_name, quantize)
     if quantize is not None:  # QLoRA (issue 17)
         quantize_modules(model, names, quantize)
         modules = adaptable_modules(model)

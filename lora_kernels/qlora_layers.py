@@ -315,8 +315,14 @@ def quantize_modules(model: nn.Module, names, quant_type: str = "nf4", blocksize
     modules that already are 4-bit are left as they are. Returns the names quantised."""
     from .layers import LORA_LAYERS
 
-    done = []
-    for name in names:
+    from .quant.format import BLOCKSIZES, QUANT_TYPES
+
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quantize / quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    todo = []
+    for name in names:  # check everything before changing anything
         module = model.get_submodule(name)
         if isinstance(module, LORA_LAYERS):
             if is_quantized_linear(module.base_layer):
@@ -326,11 +332,12 @@ def quantize_modules(model: nn.Module, names, quant_type: str = "nf4", blocksize
             continue
         if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             raise TypeError(f"module {name!r} is a {type(module).__name__}; only Linear / Conv1D layers are quantised")
+        todo.append((name, module))
+    for name, module in todo:
         new = QuantLinear.from_linear(module, quant_type, blocksize, compress_statistics).train(module.training)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-        done.append(name)
-    return done
+    return [name for name, _ in todo]
 
 
 def quantize_linears(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64, compress_statistics: bool = True,
@@ -340,6 +347,18 @@ def quantize_linears(model: nn.Module, quant_type: str = "nf4", blocksize: int =
              if (isinstance(m, nn.Linear) or is_conv1d(m)) and not is_quantized_linear(m)
              and n.split(".")[-1] not in skip]
     return quantize_modules(model, names, quant_type, blocksize, compress_statistics)
+
+
+def check_qlora_target(name: str, base: nn.Module, adapter_kwargs: dict) -> None:
+    """Refuse, before anything changes, what a 4-bit base cannot take (used by lk.inject)."""
+    if isinstance(base, nn.Embedding):
+        raise ValueError(f"module {name!r} is an Embedding: only Linear layers are quantised to 4 bits")
+    if adapter_kwargs.get("init") not in INITS:
+        raise ValueError(f"module {name!r}: init={adapter_kwargs.get('init')!r} is not supported on a 4-bit base "
+                         f"(PiSSA would rewrite the frozen weight); use one of {INITS}")
+    if adapter_kwargs.get("enable_lora") is not None:
+        raise ValueError(f"module {name!r}: enable_lora (per-slice adapters) is not supported on a 4-bit base; "
+                         "pass target_modules explicitly")
 
 
 def lora_layer_class(module: nn.Module) -> type:

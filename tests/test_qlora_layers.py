@@ -122,8 +122,18 @@ def test_bad_configurations_are_refused():
     model = tiny_llama()
     with pytest.raises(ValueError, match="quant_type"):
         lk.inject(model, lk.LoraConfig(rank=4, target_modules=["q_proj"]), quantize="int4")
+    lk.inject(model, lk.LoraConfig(rank=4, target_modules=["v_proj"]))
+    with pytest.raises(ValueError, match="already carries adapters on a dense weight"):
+        lk.inject(model, lk.LoraConfig(rank=4, target_modules=["q_proj", "v_proj"]), adapter_name="b", quantize="nf4")
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())  # nothing was changed
+    fresh = tiny_llama()
     with pytest.raises(ValueError, match="PiSSA"):
-        lk.inject(tiny_llama(), lk.LoraConfig(rank=4, target_modules=["q_proj"], init="pissa"), quantize="nf4")
+        lk.inject(fresh, lk.LoraConfig(rank=4, target_modules=["q_proj"], init="pissa"), quantize="nf4")
+    assert not any(isinstance(m, QuantLinear) for m in fresh.modules())  # refused before quantising
+    quantize_linears(fresh, "nf4")
+    with pytest.raises(ValueError, match="PiSSA"):
+        lk.inject(fresh, lk.LoraConfig(rank=4, target_modules=["q_proj", "v_proj"], init="pissa"))
+    assert not lk.model.lora_layers(fresh)
     q = QuantLinear.from_linear(nn.Linear(32, 24))
     with pytest.raises(ValueError, match="enable_lora"):
         QLoRALinear(q, 2, 4, enable_lora=[True, False])
