@@ -40,7 +40,8 @@ from . import peft  # noqa: E402  (lk.peft.convert; imports peft itself only whe
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "LoRAEmbedding", "QuantizedWeight", "LoRALinear", "LoraConfig", "adapters_disabled", "delete_adapter", "dora_linear",
+    "BACKENDS", "LoRAEmbedding", "LoRALinear", "LoraConfig", "QuantizedWeight", "adapters_disabled", "delete_adapter",
+    "dora_linear",
     "dora_linear_ref", "inject", "list_adapters", "load_adapter", "lora_linear", "lora_linear_ref", "lora_scale",
     "lora_state_dict", "loraplus_param_groups", "mark_only_lora_as_trainable", "merge", "merge_and_unload",
     "safe_merge", "save_adapter", "set_adapter", "unmerge", "__version__",

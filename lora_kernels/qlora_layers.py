@@ -312,7 +312,8 @@ def _clone_nested(nested):
 def quantize_modules(model: nn.Module, names, quant_type: str = "nf4", blocksize: int = 64,
                      compress_statistics: bool = True) -> list[str]:
     """Replace the named Linear / Conv1D modules of ``model`` by :class:`QuantLinear` (in place);
-    modules that already are 4-bit are left as they are. Returns the names quantised."""
+    modules that already are 4-bit, and embeddings, are left as they are. Everything is checked
+    before anything is replaced. Returns the names quantised."""
     from .layers import LORA_LAYERS
 
     from .quant.format import BLOCKSIZES, QUANT_TYPES
@@ -328,8 +329,8 @@ def quantize_modules(model: nn.Module, names, quant_type: str = "nf4", blocksize
             if is_quantized_linear(module.base_layer):
                 continue
             raise ValueError(f"module {name!r} already carries adapters on a dense weight; quantise before injecting")
-        if is_quantized_linear(module):
-            continue
+        if is_quantized_linear(module) or isinstance(module, nn.Embedding):
+            continue  # already 4-bit; embeddings stay dense
         if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             raise TypeError(f"module {name!r} is a {type(module).__name__}; only Linear / Conv1D layers are quantised")
         todo.append((name, module))
@@ -352,7 +353,7 @@ def quantize_linears(model: nn.Module, quant_type: str = "nf4", blocksize: int =
 def check_qlora_target(name: str, base: nn.Module, adapter_kwargs: dict) -> None:
     """Refuse, before anything changes, what a 4-bit base cannot take (used by lk.inject)."""
     if isinstance(base, nn.Embedding):
-        raise ValueError(f"module {name!r} is an Embedding: only Linear layers are quantised to 4 bits")
+        return  # embeddings stay dense (quantize_modules skips them)
     if adapter_kwargs.get("init") not in INITS:
         raise ValueError(f"module {name!r}: init={adapter_kwargs.get('init')!r} is not supported on a 4-bit base "
                          f"(PiSSA would rewrite the frozen weight); use one of {INITS}")

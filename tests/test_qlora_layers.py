@@ -50,7 +50,10 @@ def _quantized_llama():
 
 def test_inject_quantize_equals_dense_model_on_dequantised_weights():
     model = tiny_llama()
-    names = lk.inject(model, lk.LoraConfig(rank=4, target_modules=["q_proj", "v_proj"]), quantize="nf4")
+    names = lk.inject(model, lk.LoraConfig(rank=4, target_modules=["q_proj", "v_proj", "embed_tokens"]),
+                      quantize="nf4")
+    assert isinstance(model.model.embed_tokens, lk.LoRAEmbedding)  # embeddings stay dense
+    names = [n for n in names if "embed" not in n]
     assert names and all(isinstance(model.get_submodule(n), QLoRALinear) for n in names)
     assert all(isinstance(model.get_submodule(n).base_layer, QuantLinear) for n in names)
     randomize_adapters(model)
