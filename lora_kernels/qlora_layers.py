@@ -342,11 +342,13 @@ def quantize_modules(model: nn.Module, names, quant_type: str = "nf4", blocksize
 
 
 def quantize_linears(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64, compress_statistics: bool = True,
-                     skip=("lm_head",)) -> list[str]:
-    """Quantise every Linear / Conv1D of ``model`` except those whose last name part is in ``skip``."""
+                     skip=("lm_head", "classifier", "score", "pooler")) -> list[str]:
+    """Quantise every Linear / Conv1D of ``model`` except those with a dotted name part in ``skip``
+    (by default the task heads, which usually train or stay dense)."""
+    skip = set(skip)
     names = [n for n, m in model.named_modules()
              if (isinstance(m, nn.Linear) or is_conv1d(m)) and not is_quantized_linear(m)
-             and n.split(".")[-1] not in skip]
+             and not skip.intersection(n.split("."))]
     return quantize_modules(model, names, quant_type, blocksize, compress_statistics)
 
 
