@@ -7,6 +7,8 @@ Public API:
     LoRAEmbedding      nn.Module wrapping a frozen nn.Embedding
     LoraConfig, inject, ...   whole models: inject, trainability, adapters, merge, save/load (PEFT format)
     lora_linear_ref    the plain-PyTorch oracles (and dora_linear_ref)
+    QuantizedWeight    a 4-bit (NF4/FP4, bitsandbytes layout) frozen weight: pass it as ``weight`` (QLoRA);
+                       lora_kernels.quant (quantise/dequantise), lora_kernels.qlora_layers (modules)
     lora_scale         alpha/r or alpha/sqrt(r) (rsLoRA)
     BACKENDS           backend names accepted by ``backend=`` and $LORA_KERNELS_BACKEND
 """
@@ -31,12 +33,15 @@ from .model import (
     unmerge,
 )
 from .reference import dora_linear_ref, lora_linear_ref
+from .quant import QuantizedWeight
+from . import qlora_layers  # noqa: E402  (QLoRA modules: QuantLinear, QLoRALinear, quantize_linears)
 from . import peft  # noqa: E402  (lk.peft.convert; imports peft itself only when called)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "LoRAEmbedding", "LoRALinear", "LoraConfig", "adapters_disabled", "delete_adapter", "dora_linear",
+    "BACKENDS", "LoRAEmbedding", "LoRALinear", "LoraConfig", "QuantizedWeight", "adapters_disabled", "delete_adapter",
+    "dora_linear",
     "dora_linear_ref", "inject", "list_adapters", "load_adapter", "lora_linear", "lora_linear_ref", "lora_scale",
     "lora_state_dict", "loraplus_param_groups", "mark_only_lora_as_trainable", "merge", "merge_and_unload",
     "safe_merge", "save_adapter", "set_adapter", "unmerge", "__version__",

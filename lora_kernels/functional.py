@@ -20,6 +20,7 @@ from .functions import refuse_forward_ad
 from ._validation import check_dora_inputs, check_dropout, check_lora_inputs, check_scale, check_seed
 from .backends import resolve_backend
 from .dropout import draw_seed_tensor
+from .quant.format import QuantizedWeight
 
 _AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -83,7 +84,13 @@ def lora_linear(
 
     Returns:
         y of shape (..., N) and x's dtype.
+
+    ``weight`` may also be a 4-bit :class:`lora_kernels.quant.QuantizedWeight` (QLoRA): same maths on
+    the dequantised weight, see :mod:`lora_kernels.qlora`.
     """
+    if isinstance(weight, QuantizedWeight):  # QLoRA (issue 17)
+        from . import qlora
+        return qlora.lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p, seed, training, backend)
     refuse_forward_ad("lora_linear", x, weight, lora_a, lora_b, bias)
     x2d, weight, lora_a, lora_b, bias, scale, dropout_p, seed, seed_tensor = _prepare(
         x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, training)
@@ -160,7 +167,12 @@ def dora_linear(
 
     Args are those of :func:`lora_linear`, plus ``magnitude`` m (N,), any floating dtype (the
     gradient dm comes back in it; autocast does not cast it). The weight must not require grad.
+    ``weight`` may be a 4-bit :class:`lora_kernels.quant.QuantizedWeight` (QLoRA).
     """
+    if isinstance(weight, QuantizedWeight):  # QLoRA (issue 17)
+        from . import qlora
+        return qlora.dora_linear(x, weight, lora_a, lora_b, magnitude, scale, bias, dropout_p, seed, training,
+                                 backend)
     check_dora_inputs(weight, magnitude)
     refuse_forward_ad("dora_linear", x, weight, lora_a, lora_b, magnitude, bias)
     x2d, weight, lora_a, lora_b, bias, scale, dropout_p, seed, seed_tensor = _prepare(

@@ -18,6 +18,7 @@ from ._patterns import compile_safe
 from ._peft_config import read_peft_config
 from .config import DEFAULT_ENABLE_LORA, DEFAULT_TARGETS, INITS, LoraConfig, rewrites_weight
 from .layers import LORA_LAYERS, LoRAEmbedding, LoRALinear, is_conv1d
+from .qlora_layers import check_qlora_target, in_out_features, is_quantized_linear, lora_layer_class, quantize_modules
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -30,7 +31,7 @@ PEFT_PREFIX = "base_model.model."
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_quantized_linear(module)
 
 
 def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -210,6 +211,8 @@ def _check_new_adapter(model, name, module, adapter_name, init, enable_lora=None
         if tied is not None:
             raise ValueError(f"module {name!r}: init={init!r} would rewrite its weight, which is tied to {tied!r}")
     out = base.weight.shape[1] if is_conv1d(base) else base.weight.shape[0]
+    if is_quantized_linear(base):  # QLoRA (issue 17): bitsandbytes' weight has the packed shape
+        out = in_out_features(base)[1]
     if enable_lora is not None:
         if out % len(enable_lora):
             raise ValueError(f"enable_lora for {name!r} has {len(enable_lora)} slices, which do not divide "
@@ -218,8 +221,10 @@ def _check_new_adapter(model, name, module, adapter_name, init, enable_lora=None
             raise ValueError(f"init={init!r} is not supported with enable_lora (module {name!r})")
 
 
-def _check_target(model, config, name, module, adapter_name):
+def _check_target(model, config, name, module, adapter_name, quantize=None):
     kw = _adapter_kwargs(model, config, name)
+    if quantize is not None or is_quantized_linear(_base_of(module)):  # QLoRA (issue 17)
+        check_qlora_target(name, _base_of(module), kw)
     _check_new_adapter(model, name, module, adapter_name, kw["init"], kw["enable_lora"], kw["use_dora"])
 
 
@@ -228,7 +233,8 @@ def _check_adapter_name(adapter_name) -> None:
         raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
 
 
-def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", backend: str | None = None) -> list[str]:
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", backend: str | None = None,
+           quantize: str | None = None) -> list[str]:
     """Add adapter ``adapter_name`` to the modules ``config`` targets; return their names.
 
     A plain Linear / Conv1D / Embedding is replaced by a LoRA layer wrapping it (frozen); a module
@@ -238,6 +244,10 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
     TransformerEncoderLayer; "all-linear" skips them with a warning), layers whose adapter is merged,
     PiSSA/OLoRA next to another adapter on a layer or on a tied weight.
     Then only the active adapters' parameters (and biases per ``config.bias``) are left trainable.
+
+    ``quantize``: 'nf4' | 'fp4' quantises the targeted Linear layers to 4 bits first (QLoRA, bitsandbytes'
+    format, blocksize 64, nested statistics; see lora_kernels.qlora_layers). Layers that already are
+    4-bit (ours or bitsandbytes' Linear4bit) are adapted as they are, with or without this argument.
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a lora_kernels.LoraConfig, got {type(config).__name__}")
@@ -245,7 +255,10 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
     names = resolve_targets(model, config)
     modules = adaptable_modules(model)
     for name in names:
-        _check_target(model, config, name, modules[name], adapter_name)
+        _check_target(model, config, name, modules[name], adapter_name, quantize)
+    if quantize is not None:  # QLoRA (issue 17)
+        quantize_modules(model, names, quantize)
+        modules = adaptable_modules(model)
     previous = _active_name(model)
     rewritten = [_base_of(modules[n]).weight for n in names
                  if rewrites_weight(_adapter_kwargs(model, config, n)["init"])]
@@ -260,7 +273,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
                                     adapter_name=adapter_name)
                 _set_module(model, name, new.train(module.training))
             else:
-                new = LoRALinear(module, adapter_name=adapter_name, backend=backend, **kw)
+                new = lora_layer_class(module)(module, adapter_name=adapter_name, backend=backend, **kw)
                 _set_module(model, name, new.train(module.training))
         configs = dict(getattr(model, "lora_configs", {}) or {})
         configs[adapter_name] = config
@@ -771,6 +784,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             n_in, n_out = base.weight.shape
         else:
             n_in, n_out = (base.weight.shape if is_conv1d(base) else base.weight.shape[::-1])
+            if is_quantized_linear(base):  # QLoRA (issue 17)
+                n_in, n_out = in_out_features(base)
         mask = enable.get(name)
         slices = sum(mask) if mask else 1
         own = recorded.get(name)
@@ -824,7 +839,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
                                       adapter_name=adapter_name).train(module.training)
                 _set_module(model, name, layer)
             else:
-                layer = LoRALinear(module, adapter_name=adapter_name, backend=backend, **kw).train(module.training)
+                layer = lora_layer_class(module)(module, adapter_name=adapter_name, backend=backend,
+                                                 **kw).train(module.training)
                 _set_module(model, name, layer)
             _copy_adapter(layer.adapters[adapter_name], a, b, mag, name)
         with torch.no_grad():

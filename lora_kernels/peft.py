@@ -7,7 +7,8 @@ state-dict keys are untouched, so PEFT's ``save_pretrained``, adapters, merging 
 keep working, and the optimizer's parameters stay the same objects.
 
 What the fused forward covers: one active adapter, no mixed-adapter batches (``adapter_names=``),
-no other PEFT variants (aLoRA, VeRA-style ...), no quantized base. Anything else falls back to
+no other PEFT variants (aLoRA, VeRA-style ...). PEFT's 4-bit ``lora.bnb.Linear4bit`` layers (QLoRA) are
+converted by :mod:`lora_kernels.qlora_layers` (bitsandbytes' weight read in place). Anything else falls back to
 PEFT's own forward — visibly: ``convert`` returns the names it converted and skips (with the reason)
 what it cannot handle, and a converted layer that meets an unsupported call raises instead of
 silently taking PEFT's slow path.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from . import qlora_layers as _qlora_layers
 from .functional import dora_linear, lora_linear
 
 _FUSED_CLASSES: dict[type, type] = {}
@@ -96,6 +98,9 @@ def convert(peft_model: nn.Module) -> tuple[list[str], dict[str, str]]:
         raise ImportError("lora_kernels.peft.convert needs peft installed") from exc
     converted, skipped = [], {}
     for name, module in peft_model.named_modules():
+        if _qlora_layers.is_peft_linear4bit(module) and not getattr(module, "_lora_kernels_fused", False):
+            _qlora_layers.convert_peft_linear4bit(module, name, converted, skipped)  # QLoRA (issue 17)
+            continue
         if not isinstance(module, PeftLinear) or getattr(module, "_lora_kernels_fused", False):
             continue
         reason = _supported(module)

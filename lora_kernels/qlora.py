@@ -1,0 +1,228 @@
+"""LoRA / DoRA on a 4-bit frozen weight (QLoRA): ``lora_linear`` / ``dora_linear`` with a
+:class:`lora_kernels.quant.QuantizedWeight` as ``weight`` come here (one dispatch line in
+:mod:`lora_kernels.functional`).
+
+The maths is exactly that of the dense functions on the dequantised weight W = deq(Q) in x's
+(compute) dtype, on every backend:
+
+- ``torch``: W is dequantised by the plain-PyTorch dequantiser, then the torch backend runs;
+- ``fused`` / ``hybrid`` (Triton): W is dequantised by the Triton kernel
+  (:mod:`lora_kernels.kernels.dequant`), then the Triton backend runs with W as its weight (hybrid:
+  cuBLAS GEMMs + Triton LoRA kernels; fused: the Triton GEMMs with LoRA epilogues).
+
+In both cases W goes into a *scratch buffer* shared by all layers of a (device, dtype) and reused
+from call to call; it is never saved for backward: the backward dequantises again (one more pass
+over the 4-bit weight, about a quarter of the bytes of a bf16 weight read). Saved for backward:
+x, A, B, u (and DoRA's m, h, n), as for a dense weight; nothing N×K. There is no gradient for the
+4-bit weight (it is frozen by construction).
+
+Not done yet: dequantisation inside the GEMM's K loop (no N×K scratch at all) — that needs the
+GEMM kernels being restructured in issue 13. The scratch buffer is not safe for concurrent use from
+several CUDA streams or threads (each call fills it, then consumes it, in stream order).
+"""
+from __future__ import annotations
+
+import torch
+
+from .quant.dequantize import dequantize as _dequantize_torch
+from .quant.format import QuantizedWeight
+
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def scratch_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer of at least ``numel`` elements for (device, dtype), grown when needed, reused."""
+    key = (torch.device(device), dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < numel:
+        _SCRATCH.pop(key, None)  # free the smaller one first
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        _SCRATCH[key] = buf
+    return buf[:numel]
+
+
+def release_scratch() -> None:
+    """Free the scratch buffers (e.g. before merging or after training)."""
+    _SCRATCH.clear()
+
+
+def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype, impl: str) -> torch.Tensor:
+    """W (N, K) in ``dtype``, in the scratch buffer: the Triton kernel for a Triton path, else torch."""
+    out = scratch_buffer(qw.numel(), dtype, qw.device).view(qw.shape)
+    if impl == "torch" or dtype == torch.float64:
+        return _dequantize_torch(qw, dtype, out=out)
+    from .kernels.dequant import dequant_4bit
+
+    return dequant_4bit(qw, out)
+
+
+def _backend(impl):
+    from .functions import _backend_module
+
+    return _backend_module(impl)
+
+
+def _check_quantized(qw: QuantizedWeight, x: torch.Tensor) -> None:
+    if qw.device != x.device:
+        raise ValueError(f"weight (4-bit) is on {qw.device}, x on {x.device}: one device expected")
+
+
+def _prepare(x, qw, lora_a, lora_b, bias, scale, dropout_p, seed, training):
+    """functional's validation and seed handling, with a stride-0 stand-in for the 4-bit weight (it
+    carries only the shape, x's dtype and device: nothing N×K is allocated)."""
+    from . import functional
+
+    x, _, lora_a, lora_b, bias = functional._autocast(x, None, lora_a, lora_b, bias)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    _check_quantized(qw, x)
+    stand_in = x.new_empty(()).expand(*qw.shape)
+    return functional._prepare(x, stand_in, lora_a, lora_b, bias, scale, dropout_p, seed, training)
+
+
+class _QLoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, qw, bias, lora_a, lora_b, scale, dropout_p, seed, impl, seed_tensor):
+        from .functions import _autocast_off, _seed_value
+
+        module, kw = _backend(impl)
+        seed = _seed_value(seed, seed_tensor)
+        with _autocast_off(x.device):
+            w = dequantize_weight(qw, x.dtype, impl)
+            y, u = module.lora_linear_fwd(x, w, bias, lora_a, lora_b, scale, dropout_p, seed, **kw)
+        ctx.save_for_backward(x, lora_a, lora_b, u)
+        ctx.qw, ctx.scale, ctx.dropout_p, ctx.seed, ctx.impl = qw, scale, dropout_p, seed, impl
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        from .functions import _autocast_off
+
+        x, lora_a, lora_b, u = ctx.saved_tensors
+        need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        grad_x = grad_a = grad_b = grad_bias = None
+        with _autocast_off(grad_y.device):
+            if need_x or need_a or need_b:
+                module, kw = _backend(ctx.impl)
+                # the torch backend reads W only for dx; the Triton launchers take its strides always
+                w = dequantize_weight(ctx.qw, x.dtype, ctx.impl) if (need_x or ctx.impl != "torch") else None
+                dx, da, db = module.lora_linear_bwd(grad_y.contiguous(), x, w, lora_a, lora_b, u, ctx.scale,
+                                                    ctx.dropout_p, ctx.seed, need_x, **kw)
+                grad_x, grad_a, grad_b = (dx if need_x else None), (da if need_a else None), (db if need_b else None)
+            if need_bias:
+                grad_bias = grad_y.sum(0)
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None, None
+
+
+class _QDoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, qw, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, impl, seed_tensor):
+        from .functions import _autocast_off, _seed_value
+
+        module, kw = _backend(impl)
+        seed = _seed_value(seed, seed_tensor)
+        with _autocast_off(x.device):
+            w = dequantize_weight(qw, x.dtype, impl)
+            y, u, h, norm = module.dora_linear_fwd(x, w, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed,
+                                                   **kw)
+        ctx.save_for_backward(x, lora_a, lora_b, magnitude, u, h, norm)
+        ctx.qw, ctx.scale, ctx.dropout_p, ctx.seed, ctx.impl = qw, scale, dropout_p, seed, impl
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        from .functions import _autocast_off
+
+        x, lora_a, lora_b, magnitude, u, h, norm = ctx.saved_tensors
+        need_x, _, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
+        grad_x = grad_a = grad_b = grad_m = grad_bias = None
+        with _autocast_off(grad_y.device):
+            if need_x or need_a or need_b or need_m:
+                module, kw = _backend(ctx.impl)
+                # the dense backward reads W even without dx (dropout's dx term); dequantise it again
+                w = dequantize_weight(ctx.qw, x.dtype, ctx.impl)
+                dx, da, db, dm = module.dora_linear_bwd(grad_y.contiguous(), x, w, lora_a, lora_b, magnitude, u, h,
+                                                        norm, ctx.scale, ctx.dropout_p, ctx.seed, need_x, **kw)
+                grad_x, grad_a, grad_b = (dx if need_x else None), (da if need_a else None), (db if need_b else None)
+                grad_m = dm if need_m else None
+            if need_bias:
+                grad_bias = grad_y.sum(0)
+        return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None, None, None, None
+
+
+def lora_linear(x, weight: QuantizedWeight, lora_a, lora_b, scale, bias=None, dropout_p=0.0, seed=None,
+                training=True, backend=None):
+    """:func:`lora_kernels.lora_linear` for a 4-bit ``weight`` (same arguments and result)."""
+    from .backends import resolve_backend
+
+    x2d, _, lora_a, lora_b, bias, scale, dropout_p, seed, seed_tensor = _prepare(
+        x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, training)
+    impl = resolve_backend(backend, x2d, weight.shape[0], lora_a.shape[0])
+    y = _QLoraLinear.apply(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, impl, seed_tensor)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def dora_linear(x, weight: QuantizedWeight, lora_a, lora_b, magnitude, scale, bias=None, dropout_p=0.0, seed=None,
+                training=True, backend=None):
+    """:func:`lora_kernels.dora_linear` for a 4-bit ``weight`` (same arguments and result)."""
+    from ._validation import check_tensor
+    from .backends import resolve_backend
+
+    check_tensor("magnitude", magnitude, ndim=1)
+    if magnitude.shape[0] != weight.shape[0]:
+        raise ValueError(f"magnitude must have shape ({weight.shape[0]},) (one per output row of the 4-bit weight "
+                         f"{tuple(weight.shape)}), got {tuple(magnitude.shape)}")
+    if magnitude.device != weight.device:
+        raise ValueError(f"magnitude is on {magnitude.device}, weight on {weight.device}: one device expected")
+    x2d, _, lora_a, lora_b, bias, scale, dropout_p, seed, seed_tensor = _prepare(
+        x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, training)
+    impl = resolve_backend(backend, x2d, weight.shape[0], lora_a.shape[0])
+    y = _QDoraLinear.apply(x2d, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, impl, seed_tensor)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class _QLinear(torch.autograd.Function):
+    """y = x·deq(Q)ᵀ + b with dx = g·deq(Q): the frozen 4-bit layer alone (W never saved)."""
+
+    @staticmethod
+    def forward(ctx, x, qw, bias, impl):
+        from .functions import _autocast_off
+
+        with _autocast_off(x.device):
+            w = dequantize_weight(qw, x.dtype, impl)
+            y = torch.addmm(bias, x, w.t()) if bias is not None else x @ w.t()
+        ctx.qw, ctx.impl, ctx.dtype = qw, impl, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ dequantize_weight(ctx.qw, ctx.dtype, ctx.impl)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_y.sum(0)
+        return grad_x, None, grad_bias, None
+
+
+def linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None,
+           backend: str | None = None) -> torch.Tensor:
+    """F.linear with a 4-bit weight, computed in x's dtype (W dequantised into the scratch buffer and
+    again in backward, never saved)."""
+    from .backends import resolve_backend
+
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a floating torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal the 4-bit weight's in_features "
+                         f"{weight.shape[1]} (weight shape {tuple(weight.shape)})")
+    _check_quantized(weight, x)
+    from .functional import _autocast
+
+    x, _, _, _, bias = _autocast(x, None, None, None, bias)  # as F.linear under torch.autocast
+    x2d = x.reshape(-1, x.shape[-1])
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    impl = resolve_backend(backend, x2d, weight.shape[0], 1)
+    if impl == "fused":  # there is no Triton GEMM without an adapter: cuBLAS on the dequantised weight
+        impl = "hybrid"
+    return _QLinear.apply(x2d, weight, bias, impl).reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,170 @@
+"""QLoRA interoperability with bitsandbytes and PEFT (optional extras: bitsandbytes, peft): a tiny Llama
+whose Linear layers are bitsandbytes Linear4bit, adapted by PEFT (lora.bnb.Linear4bit), converted by
+lk.peft.convert (outputs and gradients equal, dropout off and on with our seeded mask); adapters saved
+on either side load on the other with equal logits; lk.inject on bitsandbytes layers directly."""
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import lora_kernels as lk
+from lora_kernels.peft import convert, unconvert
+from lora_kernels.qlora_layers import QLoRALinear, QuantLinear
+
+from .models import logits, randomize_adapters, tokens
+from .test_peft_compat import _SeededDropout
+
+bnb = pytest.importorskip("bitsandbytes", reason="optional extra: pip install bitsandbytes (lora-kernels[qlora])")
+peft = pytest.importorskip("peft")
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def _llama():
+    """A tiny Llama whose in_features (64, 128) are multiples of bitsandbytes' blocksize 64: its CPU
+    dequantisation kernel mis-scales blocks that straddle rows when in_features is a multiple of 16
+    (e.g. the usual tiny 32; see test_quant_bnb.py), which would make bitsandbytes' own forward
+    the wrong oracle."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _models(quant_type="nf4"):
+    """(ours, theirs): theirs has its Linear layers (lm_head aside) replaced by bitsandbytes Linear4bit
+    layers quantised by bitsandbytes itself (nested statistics, blocksize 64); ours has QuantLinear
+    layers built from copies of those (same bytes)."""
+    theirs = _llama()
+    for name, module in list(theirs.named_modules()):
+        if isinstance(module, nn.Linear) and not name.endswith("lm_head"):
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=torch.float32, compress_statistics=True, quant_type=quant_type)
+            layer.load_state_dict(module.state_dict())
+            layer = layer.to("cpu")  # bitsandbytes quantises here
+            parent, _, attr = name.rpartition(".")
+            setattr(theirs.get_submodule(parent), attr, layer)
+    theirs.is_loaded_in_4bit = True  # what transformers sets for BitsAndBytesConfig(load_in_4bit=True); PEFT reads it
+    ours = copy.deepcopy(theirs)
+    for name, module in list(ours.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            parent, _, attr = name.rpartition(".")
+            setattr(ours.get_submodule(parent), attr, QuantLinear.from_bnb(module))
+    del ours.is_loaded_in_4bit
+    return ours.train(), theirs.train()  # train mode: no dropout in this config; no CPU repacking by bnb
+
+
+def test_same_bytes_same_logits():
+    ours, theirs = _models()
+    assert isinstance(theirs.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+    ids = tokens()
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_convert_peft_qlora_matches_outputs_and_gradients(p, use_dora):
+    _, theirs = _models("fp4" if use_dora else "nf4")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], lora_dropout=p,
+                          init_lora_weights=False, use_dora=use_dora)
+    peft_model = peft.get_peft_model(theirs, cfg)
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(layer).__module__.startswith("peft.tuners.lora.bnb")
+    if p > 0:
+        for module in peft_model.modules():
+            if hasattr(module, "lora_dropout"):
+                for name in list(module.lora_dropout):
+                    module.lora_dropout[name] = _SeededDropout(p)
+    peft_model.train()
+    ids = tokens()
+
+    def run():
+        torch.manual_seed(1234)
+        out = peft_model(input_ids=ids, labels=ids)
+        params = [q for q in peft_model.parameters() if q.requires_grad]
+        return out.logits.detach(), torch.autograd.grad(out.loss, params)
+
+    ref_logits, ref_grads = run()
+    if p > 0:
+        for module in peft_model.modules():
+            if hasattr(module, "lora_dropout"):
+                for name in list(module.lora_dropout):
+                    module.lora_dropout[name] = nn.Dropout(p)
+    converted, skipped = convert(peft_model)
+    assert len(converted) == 6 and not skipped
+    got_logits, got_grads = run()
+    torch.testing.assert_close(got_logits, ref_logits, rtol=1e-5, atol=1e-5)
+    for g_ours, g_ref in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)
+    unconvert(peft_model)
+    assert not getattr(type(layer), "_lora_kernels_fused", False)
+
+
+def test_peft_qlora_adapter_loads_in_ours(tmp_path):
+    ours, theirs = _models()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    peft_model = peft.get_peft_model(theirs, cfg)
+    ids = tokens()
+    expected = logits(peft_model, ids)
+    peft_model.save_pretrained(str(tmp_path))
+    names = lk.load_adapter(ours, tmp_path)
+    assert len(names) == 6 and isinstance(ours.model.layers[1].mlp.up_proj, QLoRALinear)
+    torch.testing.assert_close(logits(ours, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_our_qlora_adapter_loads_in_peft(use_dora, tmp_path):
+    ours, theirs = _models()
+    lk.inject(ours, lk.LoraConfig(rank=4, target_modules=["q_proj", "v_proj"], use_dora=use_dora))
+    randomize_adapters(ours)
+    ids = tokens()
+    expected = logits(ours, ids)
+    lk.save_adapter(ours, tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(theirs, str(tmp_path)).train()
+    torch.testing.assert_close(logits(peft_model, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_inject_on_bitsandbytes_layers_directly():
+    ours, theirs = _models()
+    config = lk.LoraConfig(rank=4, target_modules=["q_proj", "o_proj"])
+    lk.inject(ours, config)
+    lk.inject(theirs, config)
+    layer = theirs.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, QLoRALinear) and isinstance(layer.base_layer, bnb.nn.Linear4bit)
+    assert layer.weight.packed.data_ptr() == layer.base_layer.weight.data_ptr()  # read in place
+    randomize_adapters(ours)
+    theirs_params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            if "lora_" in name:
+                theirs_params[name].copy_(param)
+    ids = tokens()
+    torch.testing.assert_close(logits(theirs, ids), logits(ours, ids), rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match="re-quantised"):
+        layer.merge()
+    assert isinstance(layer.base_layer.weight, bnb.nn.Params4bit)
+    layer.unmerge()
+
+
+def test_transformers_load_in_4bit_model_is_injected_as_is(tmp_path):
+    """A model loaded with BitsAndBytesConfig(load_in_4bit=True): its Linear4bit layers are adapted in
+    place; at step 0 (B = 0) the output is the 4-bit model's, and the adapters train."""
+    import transformers
+
+    _llama().save_pretrained(str(tmp_path))
+    qcfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), quantization_config=qcfg,
+                                                              device_map="cpu", dtype=torch.float32).train()
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    ids = tokens()
+    base = logits(model, ids).detach()
+    names = lk.inject(model, lk.LoraConfig(rank=4, target_modules=["q_proj", "v_proj"]))
+    assert len(names) == 4 and isinstance(model.model.layers[0].self_attn.q_proj, QLoRALinear)
+    torch.testing.assert_close(logits(model, ids), base, rtol=0, atol=0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
