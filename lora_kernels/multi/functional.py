@@ -118,8 +118,11 @@ def multi_adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if seeds is not None and len(seeds) != n:
         raise ValueError(f"seeds must have one seed per adapter ({n}), got {len(seeds)}")
     dropout_on = training and any(adapters[i].dropout > 0 for i in used)
-    if dropout_on and seeds is None:
-        seeds = [draw_seed() if a.dropout > 0 else 0 for a in adapters]
+    if dropout_on and seeds is None:  # drawn in the order the adapters apply (PEFT draws its masks so)
+        seeds = [0] * n
+        for i in used:
+            if adapters[i].dropout > 0:
+                seeds[i] = draw_seed()
     params = [t for i in used for t in (adapters[i].lora_a, adapters[i].magnitude) if t is not None]
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params) or
                                               any(t.requires_grad for i in used for t in adapters[i].versioned))

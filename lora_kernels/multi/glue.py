@@ -14,8 +14,8 @@ one of these is in effect; the per-layer work is :func:`lora_kernels.multi.multi
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
+import types
 
 import torch
 
@@ -202,45 +202,43 @@ def _check_length(adapter_names, args, kwargs):
         raise ValueError(f"adapter_names has {len(adapter_names)} entries; it needs one per batch row ({batch})")
 
 
+def _names_pre_hook(module, args, kwargs):
+    stack = module.__dict__.setdefault("_lk_names_ctx", [])
+    stack.append(None)  # first, so the always-called post hook pops this call's entry even if we raise
+    adapter_names = kwargs.pop("adapter_names", None)
+    if adapter_names is None:
+        return args, kwargs
+    _check_length(adapter_names, args, kwargs)
+    ctx = adapter_names_context(module, adapter_names)
+    ctx.__enter__()
+    stack[-1] = ctx
+    return args, kwargs
+
+
+def _names_post_hook(module, args, output):
+    stack = module.__dict__.get("_lk_names_ctx")
+    ctx = stack.pop() if stack else None
+    if ctx is not None:
+        ctx.__exit__(None, None, None)
+
+
+def _generate_with_adapter_names(self, *args, adapter_names=None, **kwargs):
+    original = type(self).generate
+    if adapter_names is None:
+        return original(self, *args, **kwargs)
+    _check_length(adapter_names, args, kwargs)
+    with adapter_names_context(self, adapter_names):
+        return original(self, *args, **kwargs)
+
+
 def enable_adapter_names(model) -> None:
     """Let ``model(..., adapter_names=[...])`` and ``model.generate(..., adapter_names=[...])`` work
-    (a forward pre-hook that takes the argument out, and a wrapper around this instance's generate).
-    Idempotent."""
-    if getattr(model, "_lk_adapter_names_enabled", False):
+    (a forward pre-hook that takes the argument out, and ``generate`` wrapped for this instance, as
+    a bound method so ``copy.deepcopy`` rebinds it to the copy). Idempotent."""
+    if model.__dict__.get("_lk_adapter_names_enabled", False):
         return
-    stack = []
-
-    def pre_hook(module, args, kwargs):
-        if "adapter_names" not in kwargs:
-            stack.append(None)
-            return None
-        adapter_names = kwargs.pop("adapter_names")
-        if adapter_names is None:
-            stack.append(None)
-            return args, kwargs
-        _check_length(adapter_names, args, kwargs)
-        ctx = adapter_names_context(module, adapter_names)
-        ctx.__enter__()
-        stack.append(ctx)
-        return args, kwargs
-
-    def post_hook(module, args, output):
-        ctx = stack.pop() if stack else None
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
-        return None
-
-    model.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    model.register_forward_hook(post_hook, always_call=True)
-    original = getattr(model, "generate", None)
-    if callable(original):
-        @functools.wraps(original)
-        def generate(*args, adapter_names=None, **kwargs):
-            if adapter_names is None:
-                return original(*args, **kwargs)
-            _check_length(adapter_names, args, kwargs)
-            with adapter_names_context(model, adapter_names):
-                return original(*args, **kwargs)
-
-        model.generate = generate
-    model._lk_adapter_names_enabled = True
+    model.register_forward_pre_hook(_names_pre_hook, with_kwargs=True)
+    model.register_forward_hook(_names_post_hook, always_call=True)
+    if callable(getattr(type(model), "generate", None)):
+        model.generate = types.MethodType(_generate_with_adapter_names, model)
+    model.__dict__["_lk_adapter_names_enabled"] = True
