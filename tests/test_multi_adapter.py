@@ -457,3 +457,28 @@ def test_set_adapter_list_errors_and_merge_refused():
     lk.set_adapter(model, "b")  # back to one adapter
     assert layer.__dict__.get("_lk_multi_active") is None
     assert multi_functional.resolve_multi_backend("auto", torch.zeros(1, 2), [], [], False, False) == "torch"
+
+
+def test_converted_peft_model_runs_several_active_and_adapter_names_on_our_paths(monkeypatch):
+    from lora_kernels.peft import convert
+
+    peft_model, _ = _peft_and_ours(0.0)
+    peft_model.eval()
+    x = torch.randn(4, 3, 12)
+    names = ["third", "__base__", "first", "third"]
+    with torch.no_grad():
+        expected_active = peft_model(x)
+        peft_model.base_model.set_adapter("first")
+        expected_mixed = peft_model(x, adapter_names=names)
+        peft_model.base_model.set_adapter(["first", "second", "third"])
+    converted, skipped = convert(peft_model)
+    assert converted and not skipped
+    calls = []
+    real = multi_functional.multi_adapter_linear
+    monkeypatch.setattr("lora_kernels.multi.peft_glue.multi_adapter_linear",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x), expected_active, rtol=1e-5, atol=1e-5)
+        peft_model.base_model.set_adapter("first")
+        torch.testing.assert_close(peft_model(x, adapter_names=names), expected_mixed, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 4  # two layers, two calls: our path ran, not PEFT's loop
