@@ -109,32 +109,29 @@ def lora_multi_shrink_fwd(x: torch.Tensor, stacked_a: torch.Tensor, plan, ranks:
 
 
 # Block sizes, as data. BLOCK_M is fixed per call (the row-block table is cut with it before the
-# launch), so these kernels are not autotuned over BLOCK_M; a GPU-tuned table is future work.
+# launch), so these kernels are not autotuned over BLOCK_M. GPU: BLOCK_M = 16 (decode batches give a
+# few rows per adapter; tl.dot's minimum); the K tile (shrink) / N tile (expand) and warps per
+# (padded rank, fp32 or not) are the largest spill-free choice of a compile-only sm_90a review
+# (Triton 3.9, cuobjdump --dump-resource-usage: 0 bytes of stack for every entry); not timed yet.
 MULTI_INTERPRETER_CONFIG = {
     "multi_shrink": dict(BLOCK_M=16, BLOCK_K=64),
     "multi_expand": dict(BLOCK_M=16, BLOCK_N=64),
 }
-MULTI_GPU_CONFIG = {
-    "multi_shrink": dict(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=3),
-    "multi_expand": dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=3),
+_MULTI_GPU_TABLE = {  # (kind, fp32?) -> {BLOCK_R: (tile, num_warps)}
+    ("multi_shrink", False): {16: (128, 4), 32: (128, 4), 64: (128, 4), 128: (128, 8), 256: (64, 8)},
+    ("multi_shrink", True): {16: (128, 4), 32: (128, 4), 64: (128, 8), 128: (64, 8), 256: (64, 8)},
+    ("multi_expand", False): {16: (128, 4), 32: (128, 4), 64: (128, 8), 128: (64, 8), 256: (32, 8)},
+    ("multi_expand", True): {16: (128, 4), 32: (64, 8), 64: (64, 8), 128: (32, 8), 256: (32, 8)},
 }
 
 
 def multi_config(kind: str, block_r: int = 16, elem_bytes: int = 2) -> dict:
-    """Meta-parameters of the multi-adapter kernels (interpreter: small fixed blocks).
-
-    GPU: BLOCK_M = 16 (decode batches give a few rows per adapter; tl.dot's minimum), smaller K/N
-    tiles for wide ranks or fp32 so the rank-wide tiles stay in registers.
-    """
+    """Meta-parameters of the multi-adapter kernels (interpreter: small fixed blocks; GPU: the table)."""
     if configs.is_interpreter():
         return dict(MULTI_INTERPRETER_CONFIG[kind])
-    meta = dict(MULTI_GPU_CONFIG[kind])
+    tile, warps = _MULTI_GPU_TABLE[(kind, elem_bytes >= 4)][max(16, block_r)]
     wide = "BLOCK_K" if kind == "multi_shrink" else "BLOCK_N"
-    if block_r >= 128 or elem_bytes >= 4:
-        meta[wide] = 64
-    if block_r >= 128:
-        meta["num_warps"] = 8
-    return meta
+    return {"BLOCK_M": 16, wide: tile, "num_warps": warps, "num_stages": 3}
 
 
 def multi_block_m() -> int:
