@@ -112,16 +112,16 @@ def lora_multi_shrink_fwd(x: torch.Tensor, stacked_a: torch.Tensor, plan, ranks:
 # launch), so these kernels are not autotuned over BLOCK_M. GPU: BLOCK_M = 16 (decode batches give a
 # few rows per adapter; tl.dot's minimum); the K tile (shrink) / N tile (expand) and warps per
 # (padded rank, fp32 or not) are the largest spill-free choice of a compile-only sm_90a review
-# (Triton 3.9, cuobjdump --dump-resource-usage: 0 bytes of stack for every entry); not timed yet.
+# (Triton 3.9 and 3.6, cuobjdump --dump-resource-usage: 0 bytes of stack for every entry); not timed yet.
 MULTI_INTERPRETER_CONFIG = {
     "multi_shrink": dict(BLOCK_M=16, BLOCK_K=64),
     "multi_expand": dict(BLOCK_M=16, BLOCK_N=64),
 }
 _MULTI_GPU_TABLE = {  # (kind, fp32?) -> {BLOCK_R: (tile, num_warps)}
     ("multi_shrink", False): {16: (128, 4), 32: (128, 4), 64: (128, 4), 128: (128, 8), 256: (64, 8)},
-    ("multi_shrink", True): {16: (128, 4), 32: (128, 4), 64: (128, 8), 128: (64, 8), 256: (64, 8)},
+    ("multi_shrink", True): {16: (128, 4), 32: (128, 4), 64: (128, 8), 128: (64, 8), 256: (32, 8)},
     ("multi_expand", False): {16: (128, 4), 32: (128, 4), 64: (128, 8), 128: (64, 8), 256: (32, 8)},
-    ("multi_expand", True): {16: (128, 4), 32: (64, 8), 64: (64, 8), 128: (32, 8), 256: (32, 8)},
+    ("multi_expand", True): {16: (128, 4), 32: (64, 8), 64: (64, 8), 128: (16, 8), 256: (16, 8)},
 }
 
 
