@@ -482,3 +482,13 @@ def test_converted_peft_model_runs_several_active_and_adapter_names_on_our_paths
         peft_model.base_model.set_adapter("first")
         torch.testing.assert_close(peft_model(x, adapter_names=names), expected_mixed, rtol=1e-5, atol=1e-5)
     assert len(calls) == 4  # two layers, two calls: our path ran, not PEFT's loop
+
+
+def test_multi_bench_validates_and_labels_cpu_timings():
+    from lora_kernels.multi import bench
+
+    rows = bench.run([bench.Scenario(3, 8, 2, 16, 24, 4, "zipf")], reps=1, allow_interpreter=True, log=lambda *_: None)
+    assert {r["provider"] for r in rows} == {"base", "peft_loop", "merge_each", "multi_torch", "multi_triton"}
+    assert all(r["timing"].startswith("cpu") and r["median_ms"] > 0 for r in rows)
+    assert all("model" in r["model_note"] and r["modeled_kernel_path_us"] > 0 for r in rows)
+    assert "(modeled)" in bench.markdown(rows) and "not GPU figures" in bench.markdown(rows)

@@ -23,7 +23,7 @@ from .functional import multi_adapter_linear
 from .store import AdapterSpec
 
 BASE_ADAPTER = "__base__"
-ROWS_ATTR = "_lk_multi_rows"      # (names tuple, per-batch-row index tensor) while a mixed batch runs
+ROWS_ATTR = "_lk_multi_rows"      # (names tuple, {shape key: row index tensor}) while a mixed batch runs
 ACTIVE_ATTR = "_lk_multi_active"  # list of this layer's active adapter names (several active)
 
 
@@ -47,7 +47,16 @@ def layer_specs(layer) -> list[AdapterSpec]:
 
 
 def _row_index(layer, batch: int, rows_per_item: int, device) -> torch.Tensor:
-    names, _ = getattr(layer, ROWS_ATTR)
+    """Adapter index of every flattened row, cached per (batch, rows per item, device) for the
+    duration of the context (generate's decode steps reuse it: no host-to-device copy per step)."""
+    names, cache = getattr(layer, ROWS_ATTR)
+    key = (batch, rows_per_item, str(device), tuple(layer.adapters))
+    if key not in cache:
+        cache[key] = _build_row_index(layer, names, batch, rows_per_item, device)
+    return cache[key]
+
+
+def _build_row_index(layer, names, batch: int, rows_per_item: int, device) -> torch.Tensor:
     index = {n: i for i, n in enumerate(layer.adapters)}
     per_item = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64)
     if batch != len(names):
@@ -134,7 +143,7 @@ def adapter_names_context(model, adapter_names):
                            "unmerge first")
     previous = {n: layer.__dict__.get(ROWS_ATTR) for n, layer in layers.items()}
     for layer in layers.values():
-        layer.__dict__[ROWS_ATTR] = (names, None)
+        layer.__dict__[ROWS_ATTR] = (names, {})
     try:
         yield model
     finally:
