@@ -61,7 +61,7 @@ def _lora_multi_expand_kernel(
             rank = tl.load(rank_ptr + adapter)
             scale = tl.load(scale_ptr + adapter)
             r_in = offs_r < rank
-            ut = tl.load(u_ptr + s * stride_us + pos[:, None].to(tl.int64) * stride_up + offs_r[None, :] * stride_ur,
+            ut = tl.load(u_ptr + s.to(tl.int64) * stride_us + pos[:, None].to(tl.int64) * stride_up + offs_r[None, :] * stride_ur,
                          mask=pos_in[:, None] & r_in[None, :], other=0.0)
             bt = tl.load(b_ptr + adapter.to(tl.int64) * stride_bn_ + offs_r[:, None] * stride_br
                          + offs_n[None, :] * stride_bo, mask=r_in[:, None] & n_in[None, :], other=0.0)
