@@ -492,3 +492,23 @@ def test_multi_bench_validates_and_labels_cpu_timings():
     assert all(r["timing"].startswith("cpu") and r["median_ms"] > 0 for r in rows)
     assert all("model" in r["model_note"] and r["modeled_kernel_path_us"] > 0 for r in rows)
     assert "(modeled)" in bench.markdown(rows) and "not GPU figures" in bench.markdown(rows)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpt2_conv1d_and_per_slice_adapters_in_mixed_batches(backend):
+    from .models import tiny_gpt2
+
+    model = tiny_gpt2()
+    lk.inject(model, lk.LoraConfig(rank=4, target_modules=["c_attn", "c_proj"],
+                                   enable_lora={"c_attn": [True, False, True]}), adapter_name="p", backend=backend)
+    lk.inject(model, lk.LoraConfig(rank=2, alpha=6, target_modules=["c_attn"]), adapter_name="q")
+    randomize_adapters(model)
+    ids = tokens(batch=3, seq=5)
+    names = ["q", "p", "__base__"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        expected = []
+        for i, name in enumerate(names):
+            with (lk.adapters_disabled(model) if name == "__base__" else _active(model, name)):
+                expected.append(model(input_ids=ids[i:i + 1]).logits)
+    torch.testing.assert_close(mixed, torch.cat(expected), rtol=1e-5, atol=1e-5)

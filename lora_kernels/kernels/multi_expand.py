@@ -55,13 +55,14 @@ def _lora_multi_expand_kernel(
     if HAS_DORA and HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)
 
+    u_slot = u_ptr  # advanced by a slot's stride each step (64-bit pointer arithmetic)
     for s in range(0, S):
         adapter = tl.load(group_slots_ptr + g * stride_gs + s)
         if adapter >= 0:
             rank = tl.load(rank_ptr + adapter)
             scale = tl.load(scale_ptr + adapter)
             r_in = offs_r < rank
-            ut = tl.load(u_ptr + s.to(tl.int64) * stride_us + pos[:, None].to(tl.int64) * stride_up + offs_r[None, :] * stride_ur,
+            ut = tl.load(u_slot + pos[:, None].to(tl.int64) * stride_up + offs_r[None, :] * stride_ur,
                          mask=pos_in[:, None] & r_in[None, :], other=0.0)
             bt = tl.load(b_ptr + adapter.to(tl.int64) * stride_bn_ + offs_r[:, None] * stride_br
                          + offs_n[None, :] * stride_bo, mask=r_in[:, None] & n_in[None, :], other=0.0)
@@ -74,6 +75,7 @@ def _lora_multi_expand_kernel(
                 y = y + (c[None, :] - 1.0) * base + c[None, :] * delta
             else:
                 y = y + delta
+        u_slot += stride_us
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=tile_in)
 
 
