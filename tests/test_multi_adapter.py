@@ -512,3 +512,22 @@ def test_gpt2_conv1d_and_per_slice_adapters_in_mixed_batches(backend):
             with (lk.adapters_disabled(model) if name == "__base__" else _active(model, name)):
                 expected.append(model(input_ids=ids[i:i + 1]).logits)
     torch.testing.assert_close(mixed, torch.cat(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batch_under_autocast_computes_in_the_autocast_dtype():
+    layer = _layer_with_adapters("torch")
+    model = nn.Sequential(layer)
+    lk.multi.enable_adapter_names(model)
+    names = ["b", "a", "__base__"]
+    x = torch.randn(3, 24)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x, adapter_names=names)
+        expected = []
+        for i, name in enumerate(names):
+            if name == "__base__":
+                expected.append(layer.base_layer(x[i:i + 1]))
+            else:
+                layer.set_adapter(name)
+                expected.append(layer(x[i:i + 1]))
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, torch.cat(expected), rtol=2e-2, atol=2e-2)

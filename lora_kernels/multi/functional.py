@@ -35,6 +35,8 @@ from ..dora import dora_weight_norm_torch
 from .plan import active_adapters_plan, mixed_batch_plan
 from .store import AdapterSpec, build_stack, cached_stack
 
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
+
 
 def _kernel_obstacles(x, adapters, used, needs_grad, training) -> list[str]:
     why = []
@@ -102,6 +104,14 @@ def multi_adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """
     if (row_adapter is None) == (active is None):
         raise ValueError("pass exactly one of row_adapter (a mixed batch) or active (several active adapters)")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.dtype in _AUTOCAST_ELIGIBLE:
+        # as autocast does for F.linear (and lora_linear): compute in the autocast dtype, autocast off inside
+        dt = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return multi_adapter_linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), adapters,
+                                        row_adapter=row_adapter, active=active, training=training, seeds=seeds,
+                                        backend=backend, owner=owner, weight_param=weight_param)
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features, weight expects {weight.shape[1]}")
     if x.dtype != weight.dtype:
@@ -190,6 +200,8 @@ def _triton_path(x2d, weight, bias, adapters, row_adapter, active, dropout_on, s
 
     with torch.no_grad():
         y = F.linear(x2d, weight, bias)
+        if not adapters or (active is not None and not active) or x2d.shape[0] == 0:
+            return y  # nothing to add (and no zero-sized grid to launch)
         if owner is not None:
             stack = cached_stack(owner, adapters, weight, x2d.dtype, weight_param)
         else:
