@@ -531,3 +531,43 @@ def test_mixed_batch_under_autocast_computes_in_the_autocast_dtype():
                 expected.append(layer(x[i:i + 1]))
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, torch.cat(expected), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("targets", [(["lin0"], ["lin0"]), (["lin0"], ["lin1"]), (["lin0"], ["lin0", "lin1"])],
+                         ids=["same-layers", "different-layers", "partly-overlapping"])
+def test_converted_peft_mixed_batches_follow_peft_checks(targets):
+    """PEFT's own mixed-batch check (tests/test_custom_models.py, TestMixedAdapterBatches.run_checks),
+    on a converted model: rows alternate base / adapter0 / adapter1 and must equal each run alone."""
+    from lora_kernels.peft import convert
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_Tiny(), peft.LoraConfig(target_modules=targets[0], init_lora_weights=False),
+                                adapter_name="adapter0").eval()
+    model.add_adapter("adapter1", peft.LoraConfig(target_modules=targets[1], r=16, init_lora_weights=False))
+    x = torch.randn(9, 12)
+    with torch.no_grad():  # each adapter alone, on PEFT's own forward
+        with model.disable_adapter():
+            out_base = model(x)
+        model.set_adapter("adapter0")
+        out0 = model(x)
+        model.set_adapter("adapter1")
+        out1 = model(x)
+    convert(model)
+    with torch.no_grad():
+        adapters = ["__base__", "adapter0", "adapter1"]
+        mixed = model(x, adapter_names=[adapters[i % 3] for i in range(9)])
+        with model.disable_adapter():  # disabling takes precedence over adapter_names
+            torch.testing.assert_close(model(x, adapter_names=[adapters[i % 3] for i in range(9)]), out_base)
+    assert not torch.allclose(out0, out_base) and not torch.allclose(out1, out_base)
+    torch.testing.assert_close(mixed[::3], out_base[::3])
+    torch.testing.assert_close(mixed[1::3], out0[1::3])
+    torch.testing.assert_close(mixed[2::3], out1[2::3])
+
+
+def test_disabled_adapters_take_precedence_over_adapter_names():
+    layer = _layer_with_adapters("torch")
+    model = nn.Sequential(layer)
+    lk.multi.enable_adapter_names(model)
+    x = torch.randn(3, 24)
+    with torch.no_grad(), lk.adapters_disabled(model):
+        torch.testing.assert_close(model(x, adapter_names=["a", "b", "c"]), layer.base_layer(x))
