@@ -154,6 +154,35 @@ def test_mixed_batch_gradients_match_oracle_and_are_deterministic():
         assert rel_error(a, r) < TOLERANCES[torch.float32]
 
 
+@pytest.mark.parametrize("mode", ["rows", "active"])
+def test_kernel_path_gradients_match_oracle_and_are_deterministic(mode):
+    """Training on the kernels (LoRA adapters): v = g·B and dx reuse the shrink/expand kernels, dA and
+    dB come from one launch each; all equal the float64 oracle's autograd, run to run bit for bit."""
+    x, w, b = _inputs((41,), 40, 24, torch.float32)
+    specs = _specs(24, 40, [3, 8, 5], dropout=0.2)
+    bs = [s.lora_b() for s in specs]
+    leaves = [x, b] + [s.lora_a for s in specs] + bs
+    for t in leaves:
+        t.requires_grad_(True)
+    kw = dict(row_adapter=torch.arange(41) % 4 - 1) if mode == "rows" else dict(active=[2, 0, 1])
+    g = torch.randn(41, 24, generator=torch.Generator().manual_seed(3))
+    ref_fn = mixed_batch_ref if mode == "rows" else active_adapters_ref
+
+    def run(fn):
+        y = fn()
+        return [y.detach()] + list(torch.autograd.grad((y * g.to(y.dtype)).sum(), leaves))
+
+    ours = run(lambda: multi_adapter_linear(x, w, b, specs, training=True, seeds=[7, 8, 9], backend="triton", **kw))
+    again = run(lambda: multi_adapter_linear(x, w, b, specs, training=True, seeds=[7, 8, 9], backend="triton", **kw))
+    specs64 = [AdapterSpec(s.name, s.lora_a.double(), (lambda bb=bb: bb.double()), s.scale, s.dropout, None, ())
+               for s, bb in zip(specs, bs)]
+    key = "row_adapter" if mode == "rows" else "active"
+    ref = run(lambda: ref_fn(x.double(), w.double(), b.double(), specs64, kw[key], training=True, seeds=[7, 8, 9]))
+    for name, o, a, r in zip(["y", "dx", "db", "dA0", "dA1", "dA2", "dB0", "dB1", "dB2"], ours, again, ref):
+        assert torch.equal(o, a), name
+        assert rel_error(o, r) < TOLERANCES[torch.float32], name
+
+
 def test_plan_groups_rows_without_host_sync_and_covers_every_row_once():
     idx = torch.tensor([2, -1, 0, 2, 2, 1, -1, 0, 2, 2, 2, 2, 2])
     plan = mixed_batch_plan(idx, 4, block_m=2)
@@ -439,9 +468,20 @@ def test_bad_functional_input_is_refused():
         multi_adapter_linear(x, w, b, specs)
     with torch.no_grad(), pytest.raises(ValueError, match="DoRA adapter has active dropout"):
         multi_adapter_linear(x, w, b, specs, active=[0, 1], training=True, backend="triton")
-    specs[0].lora_a.requires_grad_(True)
-    with pytest.raises(ValueError, match="a gradient is needed"):
-        multi_adapter_linear(x, w, b, specs, active=[0], backend="triton")
+    specs[1].lora_a.requires_grad_(True)
+    with pytest.raises(ValueError, match="a gradient is needed through a DoRA adapter"):
+        multi_adapter_linear(x, w, b, specs, active=[0, 1], backend="triton")
+
+
+def test_layer_on_triton_refuses_training_through_dora_with_several_active_adapters():
+    layer = _layer_with_adapters("triton")  # adapter "b" is DoRA
+    model = nn.Sequential(layer).train()
+    set_active_adapters(model, ["a", "b"])
+    with pytest.raises(ValueError, match="gradient is needed through a DoRA adapter"):
+        model(torch.randn(4, 24))
+    set_active_adapters(model, ["a", "c"])  # LoRA only: the kernels train it
+    model(torch.randn(4, 24)).sum().backward()
+    assert layer.adapters["a"].lora_A.grad is not None and layer.adapters["c"].lora_B.grad is not None
 
 
 def test_set_adapter_list_errors_and_merge_refused():

@@ -19,18 +19,18 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .dropout import mma
+from .dropout import dropout_multiplier, mma
 from .multi_shrink import multi_config
 
 
 @triton.jit
 def _lora_multi_expand_kernel(
     y_ptr, u_ptr, b_ptr, bias_ptr, c_ptr, rows_ptr, blk_group_ptr, blk_start_ptr, group_end_ptr,
-    group_slots_ptr, rank_ptr, scale_ptr,
-    N, S,
+    group_slots_ptr, rank_ptr, scale_ptr, seed_ptr, p_ptr, keep_ptr,
+    N, S, mask_row_len,
     stride_ym, stride_yn, stride_us, stride_up, stride_ur, stride_bn_, stride_bo, stride_br,
     stride_cn_, stride_co, stride_gs,
-    HAS_DORA: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_DORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """y: M×N (read and written, gathered rows); u: S×P×r_max; b: n_adapters×N×r_max;
@@ -67,6 +67,11 @@ def _lora_multi_expand_kernel(
             bt = tl.load(b_ptr + adapter.to(tl.int64) * stride_bn_ + offs_r[:, None] * stride_br
                          + offs_n[None, :] * stride_bo, mask=r_in[:, None] & n_in[None, :], other=0.0)
             delta = mma(ut, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, INPUT_PRECISION) * scale
+            if HAS_DROPOUT:  # backward's dx: s·(v·A) ⊙ Z_a, the mask regenerated at rows·K + k
+                seed = tl.load(seed_ptr + adapter)
+                drop_p = tl.load(p_ptr + adapter)
+                keep = tl.load(keep_ptr + adapter)
+                delta = delta * dropout_multiplier(seed, rows[:, None] * mask_row_len + offs_n[None, :], drop_p, keep)
             if HAS_DORA:
                 c = tl.load(c_ptr + adapter.to(tl.int64) * stride_cn_ + offs_n * stride_co, mask=n_in, other=1.0)
                 base = y
@@ -81,12 +86,16 @@ def _lora_multi_expand_kernel(
 
 def lora_multi_expand_fwd(y: torch.Tensor, u: torch.Tensor, stacked_b: torch.Tensor, plan, ranks: torch.Tensor,
                           scales: torch.Tensor, bias: torch.Tensor | None = None,
-                          dora_scale: torch.Tensor | None = None) -> torch.Tensor:
+                          dora_scale: torch.Tensor | None = None, seeds: torch.Tensor | None = None,
+                          dropout_p: torch.Tensor | None = None, keep_scale: torch.Tensor | None = None
+                          ) -> torch.Tensor:
     """y[rows] ← slots applied in order (see the module docstring), in place, in ONE launch. Returns y.
 
     y: M×N (the base output, bias included); u: S×P×r_max from ``lora_multi_shrink_fwd``;
     stacked_b: n×N×r_max; scales: n fp32; dora_scale: n×N fp32 (c, 1 for LoRA adapters) or None;
-    bias: N (needed with dora_scale to recover x·Wᵀ from y).
+    bias: N (needed with dora_scale to recover x·Wᵀ from y). ``seeds`` / ``dropout_p`` / ``keep_scale``
+    (n each): multiply each adapter's term by its dropout mask at flat index row·N + col (the
+    backward's dx = g·W + s·(v·A) ⊙ Z, with y = g·W and b = stacked A viewed n×K×r_max).
     """
     N = y.shape[1]
     S = plan.group_slots.shape[1]
@@ -99,16 +108,18 @@ def lora_multi_expand_fwd(y: torch.Tensor, u: torch.Tensor, stacked_b: torch.Ten
         raise ValueError(f"plan was cut into blocks of {plan.block_m} rows, the kernel uses {meta['BLOCK_M']}")
     has_dora = dora_scale is not None
     has_bias = bias is not None
+    has_dropout = seeds is not None
     c = dora_scale if has_dora else scales  # a placeholder pointer when unused
     grid = (plan.blk_group.shape[0], triton.cdiv(N, meta["BLOCK_N"]))
     _lora_multi_expand_kernel[grid](
         y, u, stacked_b, bias if has_bias else y, c, plan.rows, plan.blk_group, plan.blk_start, plan.group_end,
         plan.group_slots, ranks, scales,
-        N, S,
+        seeds if has_dropout else scales, dropout_p if has_dropout else scales, keep_scale if has_dropout else scales,
+        N, S, N,
         y.stride(0), y.stride(1), u.stride(0), u.stride(1), u.stride(2),
         stacked_b.stride(0), stacked_b.stride(1), stacked_b.stride(2),
         c.stride(0), c.stride(1) if has_dora else 0, plan.group_slots.stride(0),
-        HAS_DORA=has_dora, HAS_BIAS=has_bias, DOT_FP32=configs.dot_fp32(),
+        HAS_DORA=has_dora, HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout, DOT_FP32=configs.dot_fp32(),
         INPUT_PRECISION=configs.input_precision(y.dtype), BLOCK_R=block_r, **meta,
     )
     return y

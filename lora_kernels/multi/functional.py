@@ -11,15 +11,17 @@ Two implementations, chosen in :func:`resolve_multi_backend` (one visible place)
 
 - ``triton``: y = x·Wᵀ + b by cuBLAS (``F.linear``), then ONE segmented shrink launch and ONE
   segmented expand launch for all adapters and rows (``kernels/multi_shrink.py``,
-  ``kernels/multi_expand.py``), over the cached stack of :mod:`lora_kernels.multi.store`. Inference
-  only: it has no backward.
+  ``kernels/multi_expand.py``), over the cached stack of :mod:`lora_kernels.multi.store`. With
+  gradients (LoRA adapters), the backward reuses the same two kernels for v = g·B and
+  dx = g·W + s·(v·A) ⊙ Z and adds one launch each for dA and dB (``kernels/multi_grad.py``);
+  deterministic (no atomics).
 - ``torch``: the same math in differentiable torch ops, a few ops per adapter (gather, two thin
   matmuls, index_add). Gradients reach each adapter's own parameters; every row receives its
-  updates in a fixed order, so results are deterministic. Training with several adapters runs here.
+  updates in a fixed order, so results are deterministic. DoRA adapters train here.
 
-``auto`` takes ``triton`` for CUDA inputs when nothing needs a gradient, ``torch`` otherwise.
-An explicit ``triton`` / ``fused`` / ``hybrid`` backend that cannot serve the call (gradients, a DoRA
-adapter with active dropout, dtype, rank above 256, device) is an error naming the reason. The
+``auto`` takes ``triton`` for CUDA inputs the kernels can serve, ``torch`` otherwise. An explicit
+``triton`` / ``fused`` / ``hybrid`` backend that cannot serve the call (gradients through a DoRA
+adapter, a DoRA adapter with active dropout, dtype, rank above 256, device) is an error naming why. The
 multi-adapter kernels always add into a cuBLAS base output (what the single-adapter backends call
 "hybrid"); there is no fused-GEMM variant, so the three names mean the same here.
 """
@@ -38,11 +40,13 @@ from .store import AdapterSpec, build_stack, cached_stack
 _AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _kernel_obstacles(x, adapters, used, needs_grad, training) -> list[str]:
+def _kernel_obstacles(x, adapters, used, needs_grad, training, weight_grad=False) -> list[str]:
     why = []
-    if needs_grad:
-        why.append("a gradient is needed (the multi-adapter kernels are inference-only; training with several "
-                   "adapters runs on backend='torch')")
+    if needs_grad and any(adapters[i].use_dora for i in used):
+        why.append("a gradient is needed through a DoRA adapter (the multi-adapter kernels' backward covers "
+                   "LoRA adapters; DoRA trains on backend='torch')")
+    if needs_grad and weight_grad:
+        why.append("the frozen weight requires a gradient (the kernels' backward has no dW)")
     if training and any(adapters[i].use_dora and adapters[i].dropout > 0 for i in used):
         why.append("a DoRA adapter has active dropout (PEFT's formula needs a second product with W on the "
                    "dropped input; backend='torch' computes it)")
@@ -54,12 +58,12 @@ def _kernel_obstacles(x, adapters, used, needs_grad, training) -> list[str]:
     return why
 
 
-def resolve_multi_backend(backend, x, adapters, used, needs_grad, training) -> str:
+def resolve_multi_backend(backend, x, adapters, used, needs_grad, training, weight_grad=False) -> str:
     """'torch' or 'triton' for this call (see the module docstring)."""
     requested = requested_backend(backend)
     if requested == "torch":
         return "torch"
-    why = _kernel_obstacles(x, adapters, used, needs_grad, training)
+    why = _kernel_obstacles(x, adapters, used, needs_grad, training, weight_grad)
     if requested == "auto":
         return "triton" if (x.device.type == "cuda" and HAS_TRITON and not why) else "torch"
     if not HAS_TRITON:
@@ -136,9 +140,11 @@ def multi_adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     params = [t for i in used for t in (adapters[i].lora_a, adapters[i].magnitude) if t is not None]
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params) or
                                               any(t.requires_grad for i in used for t in adapters[i].versioned))
-    path = resolve_multi_backend(backend, x, adapters, used, needs_grad, training)
+    path = resolve_multi_backend(backend, x, adapters, used, needs_grad, training, weight.requires_grad)
     if path == "torch":
         y = _torch_path(x2d, weight, bias, adapters, row_adapter, active, training, seeds)
+    elif needs_grad:
+        y = _triton_train(x2d, weight, bias, adapters, row_adapter, active, dropout_on, seeds, owner, weight_param)
     else:
         y = _triton_path(x2d, weight, bias, adapters, row_adapter, active, dropout_on, seeds, owner, weight_param)
     return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -220,3 +226,76 @@ def _triton_path(x2d, weight, bias, adapters, row_adapter, active, dropout_on, s
         lora_multi_expand_fwd(y, u, stack.b, plan, stack.ranks, stack.scales, bias=bias,
                               dora_scale=stack.dora_scale if used_dora else None)
     return y
+
+
+# ------------------------------------------------------------------------------------------------
+# triton path with gradients (LoRA adapters): the same two kernels serve the backward's v = g·B
+# (shrink over B's transpose) and dx = g·W + s·(v·A) ⊙ Z (expand over A's transpose, mask
+# regenerated), plus one launch each for dA and dB (kernels/multi_grad.py). Deterministic.
+
+
+class _MultiLoraKernelFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, meta, *ab):
+        from ..kernels.multi_expand import lora_multi_expand_fwd
+        from ..kernels.multi_shrink import lora_multi_shrink_fwd
+
+        stack, plan, seed_t, dropout_on = meta
+        y = F.linear(x2d, weight, bias)
+        u = lora_multi_shrink_fwd(x2d, stack.a, plan, stack.ranks, seed_t, stack.dropout, stack.keep_scale,
+                                  has_dropout=dropout_on)
+        lora_multi_expand_fwd(y, u, stack.b, plan, stack.ranks, stack.scales)
+        ctx.save_for_backward(x2d, weight, u)
+        ctx.meta = meta
+        ctx.has_bias = bias is not None
+        ctx.ab_meta = [(t.dtype, t.shape) for t in ab]
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        from ..kernels.multi_expand import lora_multi_expand_fwd
+        from ..kernels.multi_grad import lora_multi_a_grad, lora_multi_b_grad
+        from ..kernels.multi_shrink import lora_multi_shrink_fwd
+
+        x2d, weight, u = ctx.saved_tensors
+        stack, plan, seed_t, dropout_on = ctx.meta
+        g = g.contiguous()
+        n, r_max = stack.a.shape[0], stack.a.shape[1]
+        drop = dict(seeds=seed_t, dropout_p=stack.dropout, keep_scale=stack.keep_scale) if dropout_on else {}
+        v = lora_multi_shrink_fwd(g, stack.b.transpose(1, 2), plan, stack.ranks, seed_t, stack.dropout,
+                                  stack.keep_scale, has_dropout=False)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = g @ weight
+            lora_multi_expand_fwd(dx, v, stack.a.transpose(1, 2), plan, stack.ranks, stack.scales, **drop)
+        db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        da = lora_multi_a_grad(v, x2d, plan, n, r_max, stack.scales, **drop)
+        dbs = lora_multi_b_grad(g, u, plan, n, r_max, stack.scales)
+        n_ab = len(ctx.ab_meta) // 2
+        grads = []
+        for i, (dtype, shape) in enumerate(ctx.ab_meta):
+            if i < n_ab:
+                grads.append(da[i, :shape[0]].to(dtype))
+            else:
+                grads.append(dbs[i - n_ab, :, :shape[1]].to(dtype))
+        return (dx, None, db, None, *grads)
+
+
+def _triton_train(x2d, weight, bias, adapters, row_adapter, active, dropout_on, seeds, owner, weight_param):
+    from ..kernels.multi_shrink import multi_block_m
+
+    bs = [a.lora_b() for a in adapters]
+    if owner is not None:
+        stack = cached_stack(owner, adapters, weight, x2d.dtype, weight_param)
+    else:
+        stack = build_stack(adapters, weight, x2d.dtype)
+    block_m = multi_block_m()
+    if active is not None:
+        plan = active_adapters_plan(x2d.shape[0], active, block_m, x2d.device)
+    else:
+        plan = mixed_batch_plan(row_adapter, len(adapters), block_m)
+    seed_t = torch.tensor([0] * len(adapters) if seeds is None else [int(s) for s in seeds],
+                          dtype=torch.int64, device=x2d.device)
+    a_in = [a.lora_a.to(x2d.dtype) for a in adapters]
+    b_in = [b.to(x2d.dtype) for b in bs]
+    return _MultiLoraKernelFn.apply(x2d, weight, bias, (stack, plan, seed_t, dropout_on), *a_in, *b_in)
