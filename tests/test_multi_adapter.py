@@ -48,6 +48,24 @@ def _inputs(lead, k, n_out, dtype, seed=1):
 
 
 BACKENDS = ["torch", "triton"]
+# The kernels run on CUDA where there is a GPU, else on CPU tensors in the interpreter (conftest).
+KERNEL_DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dev(backend):
+    return KERNEL_DEV if backend == "triton" else "cpu"
+
+
+def _to(device, *ts):
+    return [None if t is None else t.to(device) for t in ts]
+
+
+def _specs_on(specs, device):
+    out = []
+    for s in specs:
+        a, b, m = _to(device, s.lora_a, s.lora_b(), s.magnitude)
+        out.append(AdapterSpec(s.name, a, (lambda b=b: b), s.scale, s.dropout, m, tuple(t for t in (a, b, m) if t is not None)))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -58,11 +76,12 @@ BACKENDS = ["torch", "triton"]
 @pytest.mark.parametrize("dora", [(), (1,)], ids=["lora", "lora+dora"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_mixed_batch_matches_oracle(backend, dora, bias):
-    x, w, b = _inputs((3, 13), 40, 72, torch.float32)  # 39 rows, N and K not multiples of the blocks
+    x, w, b = _to(_dev(backend), *_inputs((3, 13), 40, 72, torch.float32))  # N, K not multiples of the blocks
     b = b if bias else None
-    specs = _specs(72, 40, [1, 8, 12, 16], dora=dora)
+    specs = _specs_on(_specs(72, 40, [1, 8, 12, 16], dora=dora), _dev(backend))
     idx = torch.randint(-1, 4, (39,), generator=torch.Generator().manual_seed(2))
     idx[:3] = torch.tensor([-1, 0, 3])
+    idx = idx.to(_dev(backend))
     y = multi_adapter_linear(x, w, b, specs, row_adapter=idx, backend=backend)
     ref = mixed_batch_ref(x.double(), w.double(), None if b is None else b.double(), _as64(specs), idx)
     assert y.shape == (3, 13, 72)
@@ -74,9 +93,9 @@ def test_mixed_batch_matches_oracle(backend, dora, bias):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_mixed_batch_half_precision_kernel(dtype):
-    x, w, b = _inputs((33,), 32, 48, dtype)
-    specs = _specs(48, 32, [4, 16, 2], dora=(2,), dtype=dtype)
-    idx = torch.arange(33) % 4 - 1
+    x, w, b = _to(KERNEL_DEV, *_inputs((33,), 32, 48, dtype))
+    specs = _specs_on(_specs(48, 32, [4, 16, 2], dora=(2,), dtype=dtype), KERNEL_DEV)
+    idx = (torch.arange(33) % 4 - 1).to(KERNEL_DEV)
     y = multi_adapter_linear(x, w, b, specs, row_adapter=idx, backend="triton")
     assert y.dtype == dtype
     ref = mixed_batch_ref(x.double(), w.double(), b.double(), _as64(specs), idx)
@@ -86,8 +105,8 @@ def test_mixed_batch_half_precision_kernel(dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dora", [(), (0, 2)], ids=["lora", "dora-first-and-last"])
 def test_several_active_match_oracle(backend, dora):
-    x, w, b = _inputs((37,), 48, 40, torch.float32)
-    specs = _specs(40, 48, [8, 4, 12], dora=dora)
+    x, w, b = _to(_dev(backend), *_inputs((37,), 48, 40, torch.float32))
+    specs = _specs_on(_specs(40, 48, [8, 4, 12], dora=dora), _dev(backend))
     order = [2, 0, 1]
     y = multi_adapter_linear(x, w, b, specs, active=order, backend=backend)
     ref = active_adapters_ref(x.double(), w.double(), b.double(), _as64(specs), order)
@@ -98,10 +117,10 @@ def test_several_active_match_oracle(backend, dora):
 def test_mixed_batch_dropout_masks_equal_single_adapter_calls(backend):
     """In training, row m of adapter i uses row m of the mask a single-adapter call with seed i draws
     on the whole batch (and the kernel's in-register mask equals the torch twin's)."""
-    x, w, b = _inputs((45,), 40, 24, torch.float32)
-    specs = _specs(24, 40, [4, 8, 6], dropout=0.3)
+    x, w, b = _to(_dev(backend), *_inputs((45,), 40, 24, torch.float32))
+    specs = _specs_on(_specs(24, 40, [4, 8, 6], dropout=0.3), _dev(backend))
     seeds = [11, 12, 13]
-    idx = torch.arange(45) % 4 - 1
+    idx = (torch.arange(45) % 4 - 1).to(_dev(backend))
     with torch.no_grad():
         y = multi_adapter_linear(x, w, b, specs, row_adapter=idx, training=True, seeds=seeds, backend=backend)
         for i, s in enumerate(specs):
@@ -158,14 +177,14 @@ def test_mixed_batch_gradients_match_oracle_and_are_deterministic():
 def test_kernel_path_gradients_match_oracle_and_are_deterministic(mode):
     """Training on the kernels (LoRA adapters): v = g·B and dx reuse the shrink/expand kernels, dA and
     dB come from one launch each; all equal the float64 oracle's autograd, run to run bit for bit."""
-    x, w, b = _inputs((41,), 40, 24, torch.float32)
-    specs = _specs(24, 40, [3, 8, 5], dropout=0.2)
+    x, w, b = _to(KERNEL_DEV, *_inputs((41,), 40, 24, torch.float32))
+    specs = _specs_on(_specs(24, 40, [3, 8, 5], dropout=0.2), KERNEL_DEV)
     bs = [s.lora_b() for s in specs]
     leaves = [x, b] + [s.lora_a for s in specs] + bs
     for t in leaves:
         t.requires_grad_(True)
-    kw = dict(row_adapter=torch.arange(41) % 4 - 1) if mode == "rows" else dict(active=[2, 0, 1])
-    g = torch.randn(41, 24, generator=torch.Generator().manual_seed(3))
+    kw = dict(row_adapter=(torch.arange(41) % 4 - 1).to(KERNEL_DEV)) if mode == "rows" else dict(active=[2, 0, 1])
+    g = torch.randn(41, 24, generator=torch.Generator().manual_seed(3)).to(KERNEL_DEV)
     ref_fn = mixed_batch_ref if mode == "rows" else active_adapters_ref
 
     def run(fn):
@@ -204,7 +223,8 @@ def test_plan_groups_rows_without_host_sync_and_covers_every_row_once():
 
 def _layer_with_adapters(backend, dora_second=True, n_in=24, n_out=40):
     torch.manual_seed(0)
-    layer = lk.LoRALinear(nn.Linear(n_in, n_out), rank=4, alpha=8, backend=backend, adapter_name="a")
+    layer = lk.LoRALinear(nn.Linear(n_in, n_out).to(_dev(backend)), rank=4, alpha=8, backend=backend,
+                          adapter_name="a")
     layer.add_adapter("b", rank=8, alpha=4, use_dora=dora_second)
     layer.add_adapter("c", rank=2, alpha=2, use_rslora=True)
     with torch.no_grad():
@@ -220,7 +240,7 @@ def test_mixed_batch_equals_per_row_loop_of_single_adapter_calls(backend):
     layer = _layer_with_adapters(backend)
     model = nn.Sequential(layer)
     names = ["a", "__base__", "b", "c", "b", "a", "__base__", "c", "b"]
-    x = torch.randn(len(names), 3, 24)
+    x = torch.randn(len(names), 3, 24, device=_dev(backend))
     with torch.no_grad(), adapter_names_context(model, names):
         y = layer(x)
     for i, name in enumerate(names):
@@ -237,7 +257,7 @@ def test_stack_is_cached_and_follows_in_place_updates():
     layer = _layer_with_adapters("triton")
     model = nn.Sequential(layer)
     names = ["a", "b", "c", "__base__"]
-    x = torch.randn(4, 24)
+    x = torch.randn(4, 24, device=KERNEL_DEV)
     with torch.no_grad(), adapter_names_context(model, names):
         layer(x)
         count = multi_store.restack_count
@@ -269,7 +289,7 @@ def _count_launches(monkeypatch):
 
 def test_sixteen_adapters_over_64_rows_is_one_shrink_and_one_expand_launch_per_layer(monkeypatch):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16))
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16)).to(KERNEL_DEV)
     for i in range(16):
         lk.inject(model, lk.LoraConfig(rank=[2, 4, 8, 16][i % 4], alpha=8, target_modules=["0", "2"]),
                   adapter_name=f"t{i}", backend="triton")
@@ -278,7 +298,7 @@ def test_sixteen_adapters_over_64_rows_is_one_shrink_and_one_expand_launch_per_l
     g = torch.Generator().manual_seed(4)
     names = [f"t{int(i)}" for i in torch.randint(0, 16, (64,), generator=g)]
     names[5] = "__base__"
-    x = torch.randn(64, 32)
+    x = torch.randn(64, 32, device=KERNEL_DEV)
     counts = _count_launches(monkeypatch)
     with torch.no_grad():
         y = model(x, adapter_names=names)
@@ -478,9 +498,9 @@ def test_layer_on_triton_refuses_training_through_dora_with_several_active_adapt
     model = nn.Sequential(layer).train()
     set_active_adapters(model, ["a", "b"])
     with pytest.raises(ValueError, match="gradient is needed through a DoRA adapter"):
-        model(torch.randn(4, 24))
+        model(torch.randn(4, 24, device=KERNEL_DEV))
     set_active_adapters(model, ["a", "c"])  # LoRA only: the kernels train it
-    model(torch.randn(4, 24)).sum().backward()
+    model(torch.randn(4, 24, device=KERNEL_DEV)).sum().backward()
     assert layer.adapters["a"].lora_A.grad is not None and layer.adapters["c"].lora_B.grad is not None
 
 
@@ -538,12 +558,12 @@ def test_multi_bench_validates_and_labels_cpu_timings():
 def test_gpt2_conv1d_and_per_slice_adapters_in_mixed_batches(backend):
     from .models import tiny_gpt2
 
-    model = tiny_gpt2()
+    model = tiny_gpt2().to(_dev(backend))
     lk.inject(model, lk.LoraConfig(rank=4, target_modules=["c_attn", "c_proj"],
                                    enable_lora={"c_attn": [True, False, True]}), adapter_name="p", backend=backend)
     lk.inject(model, lk.LoraConfig(rank=2, alpha=6, target_modules=["c_attn"]), adapter_name="q")
     randomize_adapters(model)
-    ids = tokens(batch=3, seq=5)
+    ids = tokens(batch=3, seq=5).to(_dev(backend))
     names = ["q", "p", "__base__"]
     with torch.no_grad():
         mixed = model(input_ids=ids, adapter_names=names).logits
