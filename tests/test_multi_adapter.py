@@ -202,6 +202,16 @@ def test_kernel_path_gradients_match_oracle_and_are_deterministic(mode):
         assert rel_error(o, r) < TOLERANCES[torch.float32], name
 
 
+def test_bias_gradient_alone_is_kept_on_the_kernel_path():
+    x, w, b = _to(KERNEL_DEV, *_inputs((9,), 16, 8, torch.float32))
+    specs = _specs_on(_specs(8, 16, [2]), KERNEL_DEV)
+    b.requires_grad_(True)
+    y = multi_adapter_linear(x, w, b, specs, row_adapter=torch.zeros(9, dtype=torch.int64, device=KERNEL_DEV),
+                             backend="triton")
+    y.sum().backward()
+    torch.testing.assert_close(b.grad, torch.full_like(b, 9.0))
+
+
 def test_plan_groups_rows_without_host_sync_and_covers_every_row_once():
     idx = torch.tensor([2, -1, 0, 2, 2, 1, -1, 0, 2, 2, 2, 2, 2])
     plan = mixed_batch_plan(idx, 4, block_m=2)

@@ -138,8 +138,9 @@ def multi_adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             if adapters[i].dropout > 0:
                 seeds[i] = draw_seed()
     params = [t for i in used for t in (adapters[i].lora_a, adapters[i].magnitude) if t is not None]
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params) or
-                                              any(t.requires_grad for i in used for t in adapters[i].versioned))
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or (bias is not None and bias.requires_grad) or any(t.requires_grad for t in params)
+        or any(t.requires_grad for i in used for t in adapters[i].versioned))
     path = resolve_multi_backend(backend, x, adapters, used, needs_grad, training, weight.requires_grad)
     if path == "torch":
         y = _torch_path(x2d, weight, bias, adapters, row_adapter, active, training, seeds)
