@@ -198,7 +198,7 @@ def run(scenarios, device="cpu", reps=5, allow_interpreter=False, log=print) -> 
                     if not err < TOLERANCES[x.dtype]:
                         raise AssertionError(f"{name} on {s.label()}: error {err:.2e} above the tolerance")
                 times = _time(call, device, reps)
-            row = dict(asdict(s), scenario=s.label(), provider=name, device=device.type,
+            row = dict(asdict(s), scenario=s.label(), provider=name, device=device.type, threads=torch.get_num_threads(),
                        timing="cuda-events" if device.type == "cuda" else "cpu (not a GPU figure)",
                        median_ms=statistics.median(times), times_ms=times, adapters_present=present,
                        modeled_kernel_path_us=round(modeled_us(s, present), 3),
@@ -234,10 +234,14 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--allow-interpreter", action="store_true",
                    help="time the kernel path on CPU in Triton's interpreter (slow; not a GPU figure)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU: 1 keeps a shared machine's timings "
+                   "from being dominated by scheduling noise)")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--markdown", help="write a markdown table here")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.allow_interpreter and device != "cuda":
         import os
         os.environ.setdefault("TRITON_INTERPRET", "1")
