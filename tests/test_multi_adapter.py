@@ -279,6 +279,20 @@ def test_stack_is_cached_and_follows_in_place_updates():
     layer.set_adapter("c")
     with torch.no_grad():
         torch.testing.assert_close(y[2:3], layer(x[2:3]), rtol=1e-5, atol=1e-5)
+    layer.add_adapter("d", rank=16, alpha=3)  # adding (or deleting) an adapter restacks once
+    with torch.no_grad():
+        layer.adapters["d"].lora_B.normal_()
+    with torch.no_grad(), adapter_names_context(model, ["d", "a", "b", "c"]):
+        y = layer(x)
+    assert multi_store.restack_count == count + 2
+    layer.set_adapter("d")
+    with torch.no_grad():
+        torch.testing.assert_close(y[0:1], layer(x[0:1]), rtol=1e-5, atol=1e-5)
+    layer.set_adapter("a")
+    layer.delete_adapter("d")
+    with torch.no_grad(), adapter_names_context(model, ["c", "a", "b", "c"]):
+        layer(x)
+    assert multi_store.restack_count == count + 3
 
 
 def _count_launches(monkeypatch):
