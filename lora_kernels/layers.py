@@ -299,13 +299,14 @@ class _AdapterHost(nn.Module):
         if self.merged and name != self.merged_adapter:
             raise RuntimeError(f"adapter {self.merged_adapter!r} is merged into the weight; unmerge() before "
                                f"switching to {name!r}")
+        self.__dict__.pop("_lk_multi_active", None)  # one adapter again (lora_kernels.multi)
         self.active_adapter = name
 
     def delete_adapter(self, name: str) -> None:
         """Remove ``name``. Deleting the active adapter is an error (set another one first)."""
         if name not in self.adapters:
             raise KeyError(f"no adapter named {name!r}; this layer has {list(self.adapters)}")
-        if name == self.active_adapter:
+        if name == self.active_adapter or name in self.__dict__.get("_lk_multi_active", ()):
             raise RuntimeError(f"adapter {name!r} is active; set_adapter() to another one before deleting it")
         del self.adapters[name]
 
@@ -455,6 +456,9 @@ class LoRALinear(_AdapterHost):
             return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.__dict__.get("_lk_multi_rows") is not None or self.__dict__.get("_lk_multi_active"):
+            from .multi.glue import multi_forward  # several adapters: adapter_names= or several active
+            return multi_forward(self, x)
         if self.merged:  # the adapter is already inside the weight
             if self.disabled:
                 raise RuntimeError("adapters are disabled but one is merged into the weight; unmerge() first")
@@ -568,6 +572,9 @@ class LoRAEmbedding(_AdapterHost):
             return self._forward(ids)
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.__dict__.get("_lk_multi_rows") is not None or self.__dict__.get("_lk_multi_active"):
+            from .multi.glue import multi_forward  # several adapters: adapter_names= or several active
+            return multi_forward(self, ids)
         out = self._embed(ids, self.base_layer.weight)
         if self.merged or self.disabled or self.active_adapter is None:
             if self.merged and self.disabled:

@@ -279,6 +279,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
         configs[adapter_name] = config
         model.lora_configs = configs
         _finish_adding(model, previous, adapter_name)
+    from .multi.glue import enable_adapter_names
+    enable_adapter_names(model)  # model(..., adapter_names=[...]) and generate(..., adapter_names=[...])
     return names
 
 
@@ -324,9 +326,13 @@ def list_adapters(model: nn.Module) -> list[str]:
     return names
 
 
-def set_adapter(model: nn.Module, adapter_name: str) -> None:
+def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
     """Make ``adapter_name`` the model's adapter: active in every layer that has it, none active in
-    the layers that do not (they compute as their base). Instant; the base is not touched."""
+    the layers that do not (they compute as their base). Instant; the base is not touched.
+    A list makes several adapters active together (lora_kernels.multi.set_active_adapters)."""
+    if isinstance(adapter_name, (list, tuple)):
+        from .multi.glue import set_active_adapters
+        return set_active_adapters(model, adapter_name)
     all_layers = list(lora_layers(model).values())
     if not any(adapter_name in m.adapters for m in all_layers):
         raise KeyError(f"no adapter named {adapter_name!r}; the model has {list_adapters(model)}")
@@ -410,6 +416,8 @@ def _to_merge(model: nn.Module, allow_none: bool = False) -> dict[str, nn.Module
 def _merge_checked(model: nn.Module, safe: bool, allow_none: bool = False) -> None:
     """Check every layer first (tied weights, DoRA scale m/n zero or non-finite, and with ``safe``
     NaN/inf in the merged weight), then merge them all; a failure part-way unmerges what was merged."""
+    if any(layer.__dict__.get("_lk_multi_active") for layer in lora_layers(model).values()):
+        raise RuntimeError("several adapters are active; merging folds one adapter: set_adapter(model, name) first")
     todo = _to_merge(model, allow_none)
     _check_no_tied_weights(model, todo)
     for name, layer in todo.items():
@@ -854,6 +862,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         configs[adapter_name] = config
         model.lora_configs = configs
         _finish_adding(model, previous, adapter_name)
+    from .multi.glue import enable_adapter_names
+    enable_adapter_names(model)  # model(..., adapter_names=[...]) and generate(..., adapter_names=[...])
     return sorted(plan)
 
 

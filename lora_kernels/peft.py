@@ -36,6 +36,10 @@ def _dropout_p(module) -> float:
 
 
 def _fused_forward(self, x, *args, **kwargs):
+    adapter_names = kwargs.pop("adapter_names", None)
+    if adapter_names is not None or (len(self.active_adapters) > 1 and not self.disable_adapters):
+        from .multi.peft_glue import peft_multi_forward  # mixed batches / several active adapters
+        return peft_multi_forward(self, x, adapter_names)
     if args or kwargs:
         raise NotImplementedError(f"lora_kernels-converted PEFT layer: extra forward arguments {list(kwargs)} "
                                   "(e.g. mixed-adapter batches) are not supported")
