@@ -172,6 +172,8 @@ def _adapter_kwargs(model, config: LoraConfig, name: str) -> dict:
 def _tied_to(model: nn.Module, name: str, weight: torch.Tensor) -> str | None:
     """Name of another module holding ``weight`` (the same tensor, or a view of the same memory: same
     start and size; parameters that merely share a flat buffer, as under FSDP, are not tied), else None."""
+    if not isinstance(weight, torch.Tensor):  # a 4-bit QuantizedWeight (QLoRA) is owned by its one layer
+        return None
     ptr, size = weight.data_ptr(), weight.numel()
     for other, module in model.named_modules():
         if other == name or other.startswith(name + "."):

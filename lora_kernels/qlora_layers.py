@@ -374,7 +374,7 @@ def merge_and_dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -
     """Merge every active adapter of ``model`` exactly into dense ``nn.Linear`` layers of ``dtype``
     (W = deq(Q) + s·B·A in fp32, then cast): no re-quantisation. LoRA layers on dense bases are merged
     as by :func:`lora_kernels.merge_and_unload`. Returns the model with no LoRA layer left."""
-    from .model import merge_and_unload
+    from .model import lora_layers, merge_and_unload
 
     for name, layer in list(model.named_modules()):
         if not isinstance(layer, QLoRALinear):
@@ -395,6 +395,10 @@ def merge_and_dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -
         dense.requires_grad_(False)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, dense.train(layer.training))
+    if not lora_layers(model):  # every adapted layer was 4-bit: nothing left for merge_and_unload
+        if hasattr(model, "lora_configs"):
+            del model.lora_configs
+        return model
     return merge_and_unload(model)
 
 
