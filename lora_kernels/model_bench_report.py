@@ -139,7 +139,7 @@ def write_plot(results: list[Result], meta: dict, path: str) -> str | None:
     fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 2.2 * len(labels) * 2), 4.8))
     for ei, eng in enumerate(engines):
         for ax, metric in zip(axes, ("tps", "mem")):
-            xs, ys, lo, hi = [], [], [], []
+            xs, ys, lo, hi, labs = [], [], [], [], []
             for li, lab in enumerate(labels):
                 r = next((r for r in ok if r.engine == eng and _spec_label(r.spec) == lab), None)
                 if r is None:
@@ -156,10 +156,21 @@ def write_plot(results: list[Result], meta: dict, path: str) -> str | None:
                     y = val / 2**20
                 xs.append(li + (ei - (len(engines) - 1) / 2) * width)
                 ys.append(y)
+                labs.append(lab)
             if not xs:
                 continue
             kw = {"yerr": [lo, hi], "capsize": 3} if metric == "tps" else {}
             ax.bar(xs, ys, width=width, label=eng, color=_COLORS[eng], **kw)
+            if eng != "peft":  # ratio to PEFT above each bar
+                for x, y, lab in zip(xs, ys, labs):
+                    ref = next((r for r in ok if r.engine == "peft" and _spec_label(r.spec) == lab), None)
+                    ref_y = (ref.median_tps() if metric == "tps" else
+                             ((ref.peak_bytes if cuda else ref.saved_bytes) or 0) / 2**20) if ref else 0
+                    if ref_y:
+                        ax.text(x, y, f"{y / ref_y:.2f}×", ha="center", va="bottom", fontsize=7)
+    for li, lab in enumerate(labels):  # memory not measured (checkpointing on CPU): say so
+        if not any(_spec_label(r.spec) == lab and (r.peak_bytes if cuda else r.saved_bytes) is not None for r in ok):
+            axes[1].text(li, 0, "not measured\n(checkpointing)", ha="center", va="bottom", fontsize=7)
     where = f"{meta['gpu']}" if cuda else f"CPU ({meta.get('cpu')})"
     p = meta["preset"]
     axes[0].set_title(f"training throughput, tokens/s (median; bars: min–max)\nmeasured on {where}, {meta['dtype']}"
