@@ -8,6 +8,8 @@ with LLaMA-Factory's usual settings (r 16, α 32, dropout 0.05 or 0). Then a few
     peft     PEFT: ``get_peft_model`` (its own LoRA/DoRA layers)
     inject   ``lora_kernels.inject`` on the same base weights
     convert  ``lora_kernels.peft.convert`` of a PEFT model (PEFT's modules, our kernels)
+    groups   (opt-in) ``inject``, then q/k/v and gate/up as shared-input projection groups
+             (:mod:`lora_kernels.groups`, a torch-ops prototype: not the Triton path on a GPU)
 
 All three start from the same adapter weights (PEFT's init, copied into the other two) and see the
 same batch every step. Before step i the torch generator is seeded with ``seed + i``, so ``inject``
@@ -42,8 +44,9 @@ import torch
 from torch import nn
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ENGINES = ("peft", "inject", "convert")
-OURS = ("inject", "convert")
+ENGINES = ("peft", "inject", "convert", "groups")
+DEFAULT_ENGINES = ("peft", "inject", "convert")
+OURS = ("inject", "convert", "groups")
 CPU_NOTE = "CPU timings: they say nothing about GPU speed"
 # Relative tolerance of the loss agreement checks, by dtype (a few AdamW steps amplify rounding).
 LOSS_RTOL = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 1e-2}
@@ -93,7 +96,7 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        return f"{self.kind.upper() if self.kind == 'lora' else 'DoRA'} p={self.dropout:g}" + \
+        return f"{'LoRA' if self.kind == 'lora' else 'DoRA'} p={self.dropout:g}" + \
             (" GC" if self.checkpointing else "")
 
 
@@ -152,9 +155,9 @@ def _category(path: str, t: torch.Tensor, proj_inputs: dict, ranks: set) -> str:
             return "dropout seeds"
         if t.dim() and t.shape[-1] in ranks:
             return "LoRA u = x·Aᵀ (M×r)"
-        if x_shape is not None and t.numel() == x_shape.numel():
-            return "masked input copies x⊙Z (M×K)"
-        return "other projection tensors"
+        if "lora_A" in parts[proj:] and x_shape is not None and t.numel() == x_shape.numel():
+            return "masked input copies x⊙Z (M×K)"  # PEFT: lora_A's input is nn.Dropout's output
+        return "other adapter tensors (DoRA: h, norms)"
     if t.dtype == torch.bool:
         return "other masks"
     if "self_attn" in parts:
@@ -336,7 +339,7 @@ def copy_into_ours(model: nn.Module, weights: dict) -> int:
 def build_engine(engine: str, base: nn.Module, spec: RunSpec, rank: int, alpha: float, weights: dict | None):
     """(model, info) for ``engine``, adapters set from ``weights`` (PEFT's init) when given."""
     info: dict = {}
-    if engine == "inject":
+    if engine in ("inject", "groups"):
         from . import LoraConfig, inject
 
         model = copy.deepcopy(base)
@@ -344,6 +347,10 @@ def build_engine(engine: str, base: nn.Module, spec: RunSpec, rank: int, alpha: 
                                  use_dora=spec.kind == "dora"))
         if weights is not None:
             copy_into_ours(model, weights)
+        if engine == "groups":
+            from .groups import group_projections
+
+            info = {"groups": len(group_projections(model))}
     else:
         model = make_peft(base, spec, rank, alpha)
         if weights is not None:
@@ -411,11 +418,12 @@ def _rel_diff(a: list, b: list) -> float:
 
 def add_checks(results: list[Result], dtype: str) -> bool:
     """Loss agreement of one RunSpec's engines (stored in each ours' ``checks``); True if all pass."""
-    by = {r.engine: r for r in results if r.error is None}
+    by = {r.engine: r for r in results if r.error is None and r.losses}
     tol = LOSS_RTOL[dtype]
     ok = True
     p = results[0].spec["dropout"] if results else 0.0
-    pairs = [("inject", "convert")] + ([("inject", "peft"), ("convert", "peft")] if p == 0 else [])
+    pairs = [("inject", "convert"), ("groups", "inject")] + \
+        ([("inject", "peft"), ("convert", "peft"), ("groups", "peft")] if p == 0 else [])
     for x, y in pairs:
         if x in by and y in by:
             d = _rel_diff(by[x].losses, by[y].losses)
@@ -433,11 +441,12 @@ def make_base(preset: ModelPreset, dtype: torch.dtype, device: str, seq: int, se
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(preset.llama_config(seq))
-    return model.to(device=device, dtype=dtype)
+    with torch.device(device):  # built where it runs: a 1B model's fp32 init on the CPU takes long
+        model = transformers.LlamaForCausalLM(preset.llama_config(seq))
+    return model.to(dtype=dtype)
 
 
-def run_model_bench(preset: ModelPreset, specs: list[RunSpec], *, engines=ENGINES, device: str = "cpu",
+def run_model_bench(preset: ModelPreset, specs: list[RunSpec], *, engines=DEFAULT_ENGINES, device: str = "cpu",
                     dtype: str | None = None, rank: int = 16, alpha: float = 32.0, seq: int | None = None,
                     batch: int | None = None, steps: int | None = None, warmup: int | None = None,
                     lr: float = 1e-3, seed: int = 0, budget_s: float | None = None, log=print) -> tuple[list, dict]:
@@ -465,6 +474,10 @@ def run_model_bench(preset: ModelPreset, specs: list[RunSpec], *, engines=ENGINE
         for engine in engines:
             t0 = time.time()
             res = Result(spec=asdict(spec), engine=engine, tokens=batch * seq)
+            if engine == "groups" and spec.kind == "dora":
+                res.skipped = {"groups": "DoRA members are not supported by the projection-group prototype"}
+                spec_results.append(res)
+                continue
             try:
                 model, info = build_engine(engine, base, spec, rank, alpha, weights)
                 out = train_steps(model, ids, total_steps, warmup, seed=seed + 100, lr=lr, device=device,
@@ -539,7 +552,7 @@ def run(*, model: str, device: str | None = None, out: str | None = "bench_out",
         if preset.gpu_only and device != "cuda" and not allow_large_on_cpu:
             raise ValueError(f"--model {model} ({preset.note}) is far too large for a CPU; use --model tiny, "
                              "or --allow-large-on-cpu")
-        engines = engines or list(ENGINES)
+        engines = engines or list(DEFAULT_ENGINES)
         for e in engines:
             if e not in ENGINES:
                 raise ValueError(f"engines: {e!r} is not one of {', '.join(ENGINES)}")
@@ -602,7 +615,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--kinds", default=None, help="lora, dora or lora,dora")
     p.add_argument("--dropouts", default=None, help="comma-separated dropout rates (default 0.05,0)")
     p.add_argument("--checkpointing", default=None, help="off, on or off,on (default: off)")
-    p.add_argument("--engines", default=None, help=f"comma-separated subset of {','.join(ENGINES)}")
+    p.add_argument("--engines", default=None, help=f"comma-separated subset of {','.join(ENGINES)} "
+                                                     f"(default {','.join(DEFAULT_ENGINES)})")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's)")

@@ -45,6 +45,9 @@ def markdown_table(results: list[Result], meta: dict) -> str:
         if r.error:
             lines.append(f"| {label} | {r.engine} | ERROR: {r.error} | | | | | | |")
             continue
+        if not r.losses and r.skipped:
+            lines.append(f"| {label} | {r.engine} | skipped: {'; '.join(r.skipped.values())} | | | | | | |")
+            continue
         tps = r.tokens_per_s()
         timing = f"{r.median_tps():.0f} [{min(tps):.0f}–{max(tps):.0f}]" if tps else "-"
         ref = peft_by.get(label)
@@ -80,7 +83,7 @@ def ratio_lines(results: list[Result]) -> list[str]:
         for engine in OURS:
             ratio = saved_ratio(results, engine, kind, 0.05)
             if ratio is not None:
-                out.append(f"saved-for-backward ratio {engine}/PEFT, whole model, {kind.upper() if kind == 'lora' else 'DoRA'}"
+                out.append(f"saved-for-backward ratio {engine}/PEFT, whole model, {'LoRA' if kind == 'lora' else 'DoRA'}"
                            f" dropout 0.05: {ratio:.3f}")
     return out
 
@@ -118,7 +121,7 @@ def load_json(path: str) -> tuple[list[Result], dict]:
     return [Result(**r) for r in data["results"]], data["meta"]
 
 
-_COLORS = {"peft": "C0", "inject": "C1", "convert": "C2"}
+_COLORS = {"peft": "C0", "inject": "C1", "convert": "C2", "groups": "C3"}
 
 
 def write_plot(results: list[Result], meta: dict, path: str) -> str | None:
@@ -134,9 +137,9 @@ def write_plot(results: list[Result], meta: dict, path: str) -> str | None:
         return None
     cuda = meta.get("device") == "cuda"
     labels = list(dict.fromkeys(_spec_label(r.spec) for r in ok))
-    engines = [e for e in ("peft", "inject", "convert") if any(r.engine == e for r in ok)]
+    engines = [e for e in _COLORS if any(r.engine == e for r in ok)]
     width = 0.8 / len(engines)
-    fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 2.2 * len(labels) * 2), 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(max(10.0, 3.0 * len(labels)), 5.0))
     for ei, eng in enumerate(engines):
         for ax, metric in zip(axes, ("tps", "mem")):
             xs, ys, lo, hi, labs = [], [], [], [], []
@@ -162,12 +165,13 @@ def write_plot(results: list[Result], meta: dict, path: str) -> str | None:
             kw = {"yerr": [lo, hi], "capsize": 3} if metric == "tps" else {}
             ax.bar(xs, ys, width=width, label=eng, color=_COLORS[eng], **kw)
             if eng != "peft":  # ratio to PEFT above each bar
-                for x, y, lab in zip(xs, ys, labs):
+                tops = [y + h for y, h in zip(ys, hi)] if metric == "tps" else ys  # above the error bar
+                for x, y, top, lab in zip(xs, ys, tops, labs):
                     ref = next((r for r in ok if r.engine == "peft" and _spec_label(r.spec) == lab), None)
                     ref_y = (ref.median_tps() if metric == "tps" else
                              ((ref.peak_bytes if cuda else ref.saved_bytes) or 0) / 2**20) if ref else 0
                     if ref_y:
-                        ax.text(x, y, f"{y / ref_y:.2f}×", ha="center", va="bottom", fontsize=7)
+                        ax.text(x, top, f"{y / ref_y:.2f}×", ha="center", va="bottom", fontsize=7)
     for li, lab in enumerate(labels):  # memory not measured (checkpointing on CPU): say so
         if not any(_spec_label(r.spec) == lab and (r.peak_bytes if cuda else r.saved_bytes) is not None for r in ok):
             axes[1].text(li, 0, "not measured\n(checkpointing)", ha="center", va="bottom", fontsize=7)

@@ -18,8 +18,8 @@ MICRO = mb.ModelPreset("micro", hidden=64, intermediate=96, layers=2, heads=4, k
 @pytest.fixture(scope="module")
 def micro_run():
     specs = [mb.RunSpec("lora", 0.1, False), mb.RunSpec("lora", 0.0, False), mb.RunSpec("dora", 0.1, True)]
-    return mb.run_model_bench(MICRO, specs, device="cpu", rank=4, alpha=8.0, steps=2, warmup=1, lr=1e-2,
-                              log=lambda s: None)
+    return mb.run_model_bench(MICRO, specs, engines=mb.ENGINES, device="cpu", rank=4, alpha=8.0, steps=2, warmup=1,
+                              lr=1e-2, log=lambda s: None)
 
 
 def _get(results, engine, kind, p, gc=False):
@@ -49,11 +49,19 @@ def test_engines_agree_and_train(micro_run):
         assert inj.losses == pytest.approx(conv.losses, rel=1e-5)
         assert inj.checks["loss vs convert"]["ok"]
         assert "loss vs peft" not in inj.checks  # different masks from PEFT at p > 0: not compared
+    # the projection-group prototype equals inject at any p (same seeds), and PEFT at p = 0; DoRA: skipped
+    grp = _get(results, "groups", "lora", 0.1)
+    assert grp.losses == pytest.approx(_get(results, "inject", "lora", 0.1).losses, rel=1e-5)
+    assert grp.checks["loss vs inject"]["ok"]
+    dora_grp = _get(results, "groups", "dora", 0.1, True)
+    assert dora_grp.skipped and not dora_grp.losses and dora_grp.error is None
     for e in mb.OURS:
         r = _get(results, e, "lora", 0.0)
         assert r.checks["loss vs peft"]["ok"] and r.checks["loss vs peft"]["max_rel_diff"] < 1e-5
     # step 0 is the base model's loss (B = 0) in every engine; training then lowers it
     for r in results:
+        if r.skipped:
+            continue
         assert len(r.losses) == 3 and len(r.step_s) == 2
         assert r.losses[-1] < r.losses[0]
         assert r.losses[0] == pytest.approx(results[0].losses[0], rel=1e-6)
@@ -62,7 +70,7 @@ def test_engines_agree_and_train(micro_run):
 def test_saved_bytes_by_category(micro_run):
     results, _ = micro_run
     m_tokens, hidden, ffn = MICRO.tokens, MICRO.hidden, MICRO.intermediate
-    peft_d, inj_d, conv_d = (_get(results, e, "lora", 0.1) for e in mb.ENGINES)
+    peft_d, inj_d, conv_d = (_get(results, e, "lora", 0.1) for e in mb.DEFAULT_ENGINES)
     peft_0, inj_0 = _get(results, "peft", "lora", 0.0), _get(results, "inject", "lora", 0.0)
     # PEFT keeps a masked fp32 copy of each projection's input (6 with K = hidden, down with K = ffn)
     # for dA, and nn.Dropout's mask (fp32 on CPU: x·noise saves noise) wherever x requires grad, i.e.
@@ -92,8 +100,11 @@ def test_saved_bytes_by_category(micro_run):
 def test_report_files(micro_run, tmp_path):
     results, meta = micro_run
     text = report.summary_text(results, meta)
-    assert "| LoRA p=0.1 | inject |" in text and "=convert ok" in text
-    assert "saved-for-backward ratio inject/PEFT, whole model, LORA dropout 0.05" not in text  # p is 0.1 here
+    assert "| LoRA p=0.1 | inject |" in text and "=convert ok" in text and "=inject ok" in text
+    assert "| DoRA p=0.1 GC | groups | skipped: DoRA" in text
+    spec = {"kind": "lora", "dropout": 0.05, "checkpointing": False}
+    fake = [mb.Result(spec=spec, engine="peft", saved_bytes=400), mb.Result(spec=spec, engine="inject", saved_bytes=258)]
+    assert report.ratio_lines(fake) == ["saved-for-backward ratio inject/PEFT, whole model, LoRA dropout 0.05: 0.645"]
     assert "CPU timings" in text
     files = report.write_all(results, meta, str(tmp_path))
     names = sorted(os.path.basename(f) for f in files)
@@ -106,7 +117,7 @@ def test_report_files(micro_run, tmp_path):
 
 def test_loss_check_can_fail():
     spec = {"kind": "lora", "dropout": 0.0, "checkpointing": False}
-    rs = [mb.Result(spec=spec, engine=e, losses=[2.0, 1.5]) for e in mb.ENGINES]
+    rs = [mb.Result(spec=spec, engine=e, losses=[2.0, 1.5]) for e in mb.DEFAULT_ENGINES]
     rs[1].losses = [2.0, 1.6]
     assert not mb.add_checks(rs, "float32")
     assert not rs[1].checks["loss vs peft"]["ok"] and rs[2].checks["loss vs peft"]["ok"]
