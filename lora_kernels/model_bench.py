@@ -171,10 +171,21 @@ def _category(path: str, t: torch.Tensor, proj_inputs: dict, ranks: set) -> str:
     return "LM head, loss, other"
 
 
+class _Held:
+    """What the graph stores instead of a saved tensor while counting: the tensor and its category.
+    When the graph drops it (a branch whose output is not used), the handle dies with it."""
+    __slots__ = ("tensor", "category", "__weakref__")
+
+    def __init__(self, tensor, category):
+        self.tensor, self.category = tensor, category
+
+
 class SavedTensorCounter:
-    """Counts, during one forward, every distinct storage saved for backward that is not a parameter,
-    attributed to the innermost module running when it was first saved. Keeps no reference to the
-    tensors (their storages stay alive through the graph until backward, so pointers are unique)."""
+    """Counts, for one forward, every distinct storage saved for backward that is not a parameter and
+    that the autograd graph still holds when the forward ends, attributed to the innermost module
+    running when it was first saved. The graph holds small handles (:class:`_Held`) instead of the
+    tensors; a handle dies when the graph drops it, so storages freed during the forward are not
+    counted (nor confused with a later tensor at the same address)."""
 
     def __init__(self, model: nn.Module, ranks: set):
         self.model, self.ranks = model, ranks
@@ -182,9 +193,12 @@ class SavedTensorCounter:
         self.seen: dict[int, tuple[str, int]] = {}
         self.stack: list[str] = []
         self.proj_inputs: dict[str, tuple] = {}
+        self._held: list = []
         self._handles = []
 
     def __enter__(self):
+        import weakref
+
         names = {m: n for n, m in self.model.named_modules()}
 
         def pre(mod, args):
@@ -199,17 +213,22 @@ class SavedTensorCounter:
                 self.stack.pop()
 
         def pack(t):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                st = t.untyped_storage()
-                ptr = st.data_ptr()
-                if ptr not in self.params and ptr not in self.seen:
-                    path = self.stack[-1] if self.stack else ""
-                    self.seen[ptr] = (_category(path, t, self.proj_inputs, self.ranks), st.nbytes())
-            return t
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta" or \
+                    t.untyped_storage().data_ptr() in self.params:
+                return t
+            # detached (same storage, no grad_fn): a saved output would otherwise hold its own node
+            # through the handle, a reference cycle that keeps dropped branches alive
+            held = _Held(t.detach(), _category(self.stack[-1] if self.stack else "", t, self.proj_inputs,
+                                               self.ranks))
+            self._held.append(weakref.ref(held))
+            return held
+
+        def unpack(h):
+            return h.tensor if isinstance(h, _Held) else h
 
         self._handles = [nn.modules.module.register_module_forward_pre_hook(pre),
                          nn.modules.module.register_module_forward_hook(post)]
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
         self._hooks.__enter__()
         return self
 
@@ -217,6 +236,12 @@ class SavedTensorCounter:
         self._hooks.__exit__(*exc)
         for h in self._handles:
             h.remove()
+        for ref in self._held:  # what the graph still holds, in saving order; each storage once
+            held = ref()
+            if held is not None:
+                st = held.tensor.untyped_storage()
+                self.seen.setdefault(st.data_ptr(), (held.category, st.nbytes()))
+        self._held = []
 
     @property
     def total(self) -> int:

@@ -29,14 +29,18 @@ def _get(results, engine, kind, p, gc=False):
 
 def test_saved_tensor_counter_exact():
     """x (not a parameter) and ReLU's output are saved; the weight is a parameter; a tensor saved twice
-    (and a view of it) counts once."""
+    (and a view of it) counts once; a branch dropped during the forward is not counted; backward works."""
     lin = nn.Linear(8, 5)
     x = torch.randn(7, 8, requires_grad=True)
     with mb.SavedTensorCounter(lin, ranks={4}) as c:
         h = torch.relu(lin(x))
+        for _ in range(3):  # saved, then freed with its graph: never alive at the end of the forward
+            (torch.exp(x * 3.0) * 2).sum()
         y = (h * h).sum() + (h[1:] * 2).sum()
     assert c.total == x.numel() * 4 + h.numel() * 4
     y.backward()
+    expected = torch.autograd.grad(((torch.relu(lin(x)) ** 2).sum() + (torch.relu(lin(x))[1:] * 2).sum()), x)[0]
+    torch.testing.assert_close(x.grad, expected)
 
 
 def test_engines_agree_and_train(micro_run):
