@@ -67,6 +67,10 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    if args.model:  # whole-model training steps side by side with PEFT (lora_kernels/model_bench.py)
+        from .model_bench import run_from_bench_args
+
+        return run_from_bench_args(args)
     device = _use_interpreter_without_gpu(args.device)
     from . import benchmark as bm
 
@@ -213,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=HelpFormatter,
     )
     p_bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
+    p_bench.add_argument("--model", default=None, metavar="NAME",
+                         help="whole-model training steps instead of layers: tiny (CPU), 1b, llama3-8b-layers; "
+                              "PEFT vs inject vs convert (python -m lora_kernels.model_bench --help for details)")
     p_bench.add_argument("--quick", action="store_true", help="a small preset (quick on a GPU, cpu-quick on CPU)")
     p_bench.add_argument("--preset", choices=["full", "quick", "cpu", "cpu-quick"], default=None,
                          help="default: full on a GPU, cpu on a CPU (quick / cpu-quick with --quick)")
