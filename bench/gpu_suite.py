@@ -14,7 +14,11 @@ matplotlib and tqdm too). Steps, each bounded in time, each writing its log unde
      bench.md, *.png           unfused cuBLAS+addmm_ path, PEFT and torch.compile at Llama-3-8B
                                shapes, LoRA and DoRA, most informative shapes first, until the time
                                budget ends (bench.json is rewritten after every shape)
-  5. status.json               exit codes and timings of the steps
+  5. model_1b/, model_bench.log  `lora-kernels bench --model 1b` (whole training steps, PEFT vs inject
+                               vs convert) in the time left, at most ~110 s
+  6. status.json               exit codes and timings of the steps
+Also on a GPU (separately, a few minutes each): bench/multi_gpu_check.sh (multi-adapter kernels),
+`lora-kernels inspect` needs no GPU.
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="no pytest, quick check, CPU-sized bench: checks the script")
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--skip-model", action="store_true", help="leave out the whole-model bench (step 6)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
@@ -72,7 +77,7 @@ def main() -> int:
         # by CI; the fine-tune tests need two PyPI packages the GPU machine does not have).
         gpu_tests = [f"tests/test_{name}.py" for name in (
             "dropout", "kernels", "dora", "backends", "configs", "compile", "determinism", "autocast",
-            "tiny_llama", "properties")]
+            "tiny_llama", "properties", "multi_adapter", "quant_kernels", "qlora")]
         status["pytest"] = _run([py, "-m", "pytest", "-q", "--maxfail=20", "--continue-on-collection-errors",
                                  "-p", "no:cacheprovider", *gpu_tests],
                                 os.path.join(args.out, "pytest.log"), timeout=min(170, deadline - time.time() - 200),
@@ -84,11 +89,12 @@ def main() -> int:
     # bench --quick until the budget ends: it starts no shape after --budget and rewrites bench.json
     # after every shape, so a kill at the timeout still leaves every finished shape.
     left = deadline - time.time()
+    model_share = 0 if args.smoke or args.skip_model else min(110.0, max(left - 200, 0))  # step 6 below
     bench = [py, "-m", "lora_kernels.cli", "bench", "--quick", "--out", args.out, "--no-progress",
-             "--budget", f"{max(left - 100, 10):.0f}"]  # a compile or autotune in flight may need ~90 s to end
+             "--budget", f"{max(left - model_share - 100, 10):.0f}"]  # a compile or autotune in flight may need ~90 s
     if args.smoke:
         bench += ["--modes", "fwdbwd", "--reps", "1"]
-    status["bench"] = _run(bench, os.path.join(args.out, "bench.log"), timeout=max(left - 10, 30))
+    status["bench"] = _run(bench, os.path.join(args.out, "bench.log"), timeout=max(left - model_share - 10, 30))
     json_path, md_path = os.path.join(args.out, "bench.json"), os.path.join(args.out, "bench.md")
     if os.path.exists(json_path):
         rows, meta = load_results(json_path)
@@ -99,6 +105,11 @@ def main() -> int:
         status["bench_rows"] = len(rows)
     with open(os.path.join(args.out, "bench.log")) as f:
         print(f.read()[-6000:], flush=True)
+    left = deadline - time.time()
+    if model_share and left > 60:  # 6. whole-model training steps at 1B scale, PEFT vs inject vs convert
+        status["model_bench"] = _run([py, "-m", "lora_kernels.cli", "bench", "--model", "1b", "--budget",
+                                      f"{max(left - 40, 20):.0f}", "--out", os.path.join(args.out, "model_1b")],
+                                     os.path.join(args.out, "model_bench.log"), timeout=max(left - 5, 30))
     status["seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(args.out, "status.json"), "w") as f:
         json.dump(status, f, indent=1)
