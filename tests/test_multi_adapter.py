@@ -133,6 +133,80 @@ def test_mixed_batch_dropout_masks_equal_single_adapter_calls(backend):
     assert rel_error(y, mixed_batch_ref(x.double(), w.double(), b.double(), _as64(specs), idx)) > 1e-3  # dropout acted
 
 
+def test_kernel_masks_equal_dropout_mask_bit_for_bit():
+    """Each multi kernel regenerates adapter a's mask from its own seed (two int32 words per adapter) and
+    threshold: with x = 1 and identity / one-hot operands, the shrink's u, the expand's added term and
+    dA are Z_a at the gathered rows, equal to ``dropout_mask`` bit for bit. K = 150: several K tiles
+    and a partly used last 16-group; seeds with the low word's sign bit set and the largest seed;
+    an adapter with p = 0 keeps everything. A NaN in a dropped position still propagates (a product)."""
+    from lora_kernels.dropout import dropout_mask, dropout_threshold, keep_scale, seed_halves
+    from lora_kernels.kernels.multi_expand import lora_multi_expand_fwd
+    from lora_kernels.kernels.multi_grad import lora_multi_a_grad
+    from lora_kernels.kernels.multi_shrink import lora_multi_shrink_fwd, multi_block_m
+    from lora_kernels.multi.plan import active_adapters_plan
+
+    dev, m, k = KERNEL_DEV, 21, 150
+    ps, seeds = [0.1, 0.5, 0.0], [2**63 - 1, 2**32 + 2**31 + 7, 5]
+    n = len(ps)
+    words = torch.tensor([seed_halves(s) for s in seeds], dtype=torch.int32, device=dev)
+    thr = torch.tensor([dropout_threshold(p) for p in ps], dtype=torch.int32, device=dev)
+    ks = torch.tensor([keep_scale(p) for p in ps], dtype=torch.float32, device=dev)
+    z = [dropout_mask(s, m, k, p, device=dev) for s, p in zip(seeds, ps)]
+    assert not torch.equal(z[0], z[1]) and bool((z[1] == 0).any()) and bool((z[2] == 1).all())
+    row_adapter = (torch.arange(m) * 7 % (n + 1) - 1).to(dev)  # every adapter and some base rows
+    plan = mixed_batch_plan(row_adapter, n, multi_block_m())
+    x = torch.ones(m, k, device=dev)
+    eye = torch.eye(k, device=dev).expand(n, k, k).contiguous()  # A_a = I: u = x ⊙ Z_a
+    ranks = torch.full((n,), k, dtype=torch.int32, device=dev)
+    u = lora_multi_shrink_fwd(x, eye, plan, ranks, words, thr, ks, has_dropout=True)
+    groups = [(int(plan.group_start[a]), int(plan.group_end[a])) for a in range(n)]
+    for a, (lo, hi) in enumerate(groups):
+        assert hi > lo
+        assert torch.equal(u[0, lo:hi], z[a][plan.rows[lo:hi]]), f"shrink, adapter {a}"
+    active = active_adapters_plan(m, [2, 0, 1], multi_block_m(), dev)
+    u_act = lora_multi_shrink_fwd(x, eye, active, ranks, words, thr, ks, has_dropout=True)
+    for slot, a in enumerate([2, 0, 1]):
+        assert torch.equal(u_act[slot], z[a]), f"shrink, active slot {slot}"
+    # expand: rank 1, u = B = 1, s = 1: y gains exactly Z_a at its rows, base rows stay 0
+    y = torch.zeros(m, k, device=dev)
+    ones = dict(ranks=torch.ones(n, dtype=torch.int32, device=dev), scales=torch.ones(n, device=dev))
+    lora_multi_expand_fwd(y, torch.ones(1, m, 1, device=dev), torch.ones(n, k, 1, device=dev), plan, ones["ranks"],
+                          ones["scales"], seed_words=words, threshold=thr, keep_scale=ks)
+    for a in range(n):
+        rows = row_adapter == a
+        assert torch.equal(y[rows], z[a][rows]), f"expand, adapter {a}"
+    assert bool((y[row_adapter < 0] == 0).all())
+    # dA: v one-hot by position (rank m), s = 1: dA[a][pos] = (x ⊙ Z_a)[rows[pos]]
+    v = torch.eye(m, device=dev)[None]
+    da = lora_multi_a_grad(v, x, plan, n, m, ones["scales"], seed_words=words, threshold=thr, keep_scale=ks)
+    for a, (lo, hi) in enumerate(groups):
+        assert torch.equal(da[a, lo:hi], z[a][plan.rows[lo:hi]]), f"dA, adapter {a}"
+        assert bool((da[a, :lo] == 0).all()) and bool((da[a, hi:] == 0).all())
+    # NaN in a dropped position of x propagates through the shrink (x ⊙ keep, a product)
+    lo, _ = groups[1]
+    row = int(plan.rows[lo])
+    col = int((z[1][row] == 0).nonzero()[0])
+    x[row, col] = float("nan")
+    u = lora_multi_shrink_fwd(x, eye, plan, ranks, words, thr, ks, has_dropout=True)
+    assert bool(torch.isnan(u[0, lo, col]))
+
+
+def test_multi_kernel_dropout_arguments_are_checked():
+    from lora_kernels.kernels.multi_shrink import lora_multi_shrink_fwd, multi_block_m
+
+    x = torch.ones(4, 16, device=KERNEL_DEV)
+    a = torch.ones(2, 2, 16, device=KERNEL_DEV)
+    plan = mixed_batch_plan(torch.tensor([0, 1, 0, 1], device=KERNEL_DEV), 2, multi_block_m())
+    ranks = torch.full((2,), 2, dtype=torch.int32, device=KERNEL_DEV)
+    thr = torch.zeros(2, dtype=torch.int32, device=KERNEL_DEV)
+    ks = torch.ones(2, device=KERNEL_DEV)
+    with pytest.raises(ValueError, match="seed_words must be a contiguous torch.int32 tensor of shape \\(2, 2\\)"):
+        lora_multi_shrink_fwd(x, a, plan, ranks, torch.zeros(2, dtype=torch.int64, device=KERNEL_DEV), thr, ks, True)
+    specs = _specs(8, 8, [2], dropout=1.0)
+    with pytest.raises(ValueError, match="adapter 'a0': dropout must be in \\[0, 1\\)"):
+        multi_store.build_stack(specs, torch.ones(8, 8), torch.float32)
+
+
 def test_several_active_with_dropout_match_oracle_on_torch_path():
     x, w, b = _inputs((30,), 24, 16, torch.float32)
     specs = _specs(16, 24, [4, 2], dora=(1,), dropout=0.2)

@@ -19,14 +19,14 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .dropout import dropout_multiplier, mma
-from .multi_shrink import multi_config
+from .dropout import keep_tile, mma
+from .multi_shrink import check_dropout_tensors, multi_config
 
 
 @triton.jit
 def _lora_multi_expand_kernel(
     y_ptr, u_ptr, b_ptr, bias_ptr, c_ptr, rows_ptr, blk_group_ptr, blk_start_ptr, group_end_ptr,
-    group_slots_ptr, rank_ptr, scale_ptr, seed_ptr, p_ptr, keep_ptr,
+    group_slots_ptr, rank_ptr, scale_ptr, seed_ptr, thr_ptr, keep_ptr,
     N, S, mask_row_len,
     stride_ym, stride_yn, stride_us, stride_up, stride_ur, stride_bn_, stride_bo, stride_br,
     stride_cn_, stride_co, stride_gs,
@@ -35,7 +35,9 @@ def _lora_multi_expand_kernel(
 ):
     """y: M×N (read and written, gathered rows); u: S×P×r_max; b: n_adapters×N×r_max;
     bias: N (HAS_BIAS); c: n_adapters×N fp32 (HAS_DORA); rank: n int32; scale: n fp32;
-    rows/blk_group/blk_start/group_end/group_slots: the row plan (see the shrink kernel)."""
+    rows/blk_group/blk_start/group_end/group_slots: the row plan (see the shrink kernel);
+    HAS_DROPOUT: seed n×2 int32 (lo, hi words), thr n int32, keep n fp32 (1/(1 − p_eff)); the mask
+    is that of an M×mask_row_len input (BLOCK_N a multiple of 16)."""
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     g = tl.load(blk_group_ptr + pid_b)
@@ -67,11 +69,11 @@ def _lora_multi_expand_kernel(
             bt = tl.load(b_ptr + adapter.to(tl.int64) * stride_bn_ + offs_r[:, None] * stride_br
                          + offs_n[None, :] * stride_bo, mask=r_in[:, None] & n_in[None, :], other=0.0)
             delta = mma(ut, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, INPUT_PRECISION) * scale
-            if HAS_DROPOUT:  # backward's dx: s·(v·A) ⊙ Z_a, the mask regenerated at rows·K + k
-                seed = tl.load(seed_ptr + adapter)
-                drop_p = tl.load(p_ptr + adapter)
-                keep = tl.load(keep_ptr + adapter)
-                delta = delta * dropout_multiplier(seed, rows[:, None] * mask_row_len + offs_n[None, :], drop_p, keep)
+            if HAS_DROPOUT:  # backward's dx: s·(v·A) ⊙ Z_a, the mask of element (rows, k) regenerated
+                keep = keep_tile(tl.load(seed_ptr + 2 * adapter), tl.load(seed_ptr + 2 * adapter + 1),
+                                 tl.load(thr_ptr + adapter), rows, pid_n.to(tl.int64) * BLOCK_N,
+                                 tl.cdiv(mask_row_len, 16), BLOCK_M, BLOCK_N)
+                delta = delta * tl.where(keep, tl.load(keep_ptr + adapter), 0.0)  # a product: NaN propagates
             if HAS_DORA:
                 c = tl.load(c_ptr + adapter.to(tl.int64) * stride_cn_ + offs_n * stride_co, mask=n_in, other=1.0)
                 base = y
@@ -86,16 +88,17 @@ def _lora_multi_expand_kernel(
 
 def lora_multi_expand_fwd(y: torch.Tensor, u: torch.Tensor, stacked_b: torch.Tensor, plan, ranks: torch.Tensor,
                           scales: torch.Tensor, bias: torch.Tensor | None = None,
-                          dora_scale: torch.Tensor | None = None, seeds: torch.Tensor | None = None,
-                          dropout_p: torch.Tensor | None = None, keep_scale: torch.Tensor | None = None
+                          dora_scale: torch.Tensor | None = None, seed_words: torch.Tensor | None = None,
+                          threshold: torch.Tensor | None = None, keep_scale: torch.Tensor | None = None
                           ) -> torch.Tensor:
     """y[rows] ← slots applied in order (see the module docstring), in place, in ONE launch. Returns y.
 
     y: M×N (the base output, bias included); u: S×P×r_max from ``lora_multi_shrink_fwd``;
     stacked_b: n×N×r_max; scales: n fp32; dora_scale: n×N fp32 (c, 1 for LoRA adapters) or None;
-    bias: N (needed with dora_scale to recover x·Wᵀ from y). ``seeds`` / ``dropout_p`` / ``keep_scale``
-    (n each): multiply each adapter's term by its dropout mask at flat index row·N + col (the
-    backward's dx = g·W + s·(v·A) ⊙ Z, with y = g·W and b = stacked A viewed n×K×r_max).
+    bias: N (needed with dora_scale to recover x·Wᵀ from y). ``seed_words`` (n×2 int32) /
+    ``threshold`` (n int32) / ``keep_scale`` (n fp32), see ``check_dropout_tensors``: multiply each
+    adapter's term by its dropout mask Z_a of an M×N input at element (row, col) (the backward's
+    dx = g·W + s·(v·A) ⊙ Z, with y = g·W and b = stacked A viewed n×K×r_max).
     """
     N = y.shape[1]
     S = plan.group_slots.shape[1]
@@ -108,13 +111,15 @@ def lora_multi_expand_fwd(y: torch.Tensor, u: torch.Tensor, stacked_b: torch.Ten
         raise ValueError(f"plan was cut into blocks of {plan.block_m} rows, the kernel uses {meta['BLOCK_M']}")
     has_dora = dora_scale is not None
     has_bias = bias is not None
-    has_dropout = seeds is not None
+    has_dropout = seed_words is not None
+    if has_dropout:
+        check_dropout_tensors(stacked_b.shape[0], seed_words, threshold, keep_scale, y.device)
     c = dora_scale if has_dora else scales  # a placeholder pointer when unused
     grid = (plan.blk_group.shape[0], triton.cdiv(N, meta["BLOCK_N"]))
     _lora_multi_expand_kernel[grid](
         y, u, stacked_b, bias if has_bias else y, c, plan.rows, plan.blk_group, plan.blk_start, plan.group_end,
         plan.group_slots, ranks, scales,
-        seeds if has_dropout else scales, dropout_p if has_dropout else scales, keep_scale if has_dropout else scales,
+        seed_words if has_dropout else ranks, threshold if has_dropout else ranks, keep_scale if has_dropout else scales,
         N, S, N,
         y.stride(0), y.stride(1), u.stride(0), u.stride(1), u.stride(2),
         stacked_b.stride(0), stacked_b.stride(1), stacked_b.stride(2),

@@ -19,21 +19,24 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .dropout import dropout_multiplier, mma
+from .dropout import apply_keep, keep_tile, mma
+from .multi_shrink import check_dropout_tensors
 
 
 @triton.jit
 def _lora_multi_outer_kernel(
     l_ptr, r_ptr, out_ptr, rows_ptr, group_start_ptr, group_end_ptr, group_slots_ptr, scale_ptr,
-    seed_ptr, p_ptr, keep_ptr,
+    seed_ptr, thr_ptr, keep_ptr,
     I, J, S, mask_row_len,
     stride_ls, stride_lp, stride_li, stride_rs, stride_rp, stride_rj, stride_on, stride_oi, stride_oj, stride_gs,
     L_GATHER: tl.constexpr, R_GATHER: tl.constexpr, R_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     """l: (S×)P×I or M×I (L_GATHER: row-indexed, no slot axis); r: likewise with J; out: n×I×J fp32.
-    rows / group_start / group_end / group_slots: the row plan; scale: n fp32; seed/p/keep: n
-    (R_DROPOUT: R[pos, j] is multiplied by Z_a at flat index rows[pos]·mask_row_len + j)."""
+    rows / group_start / group_end / group_slots: the row plan; scale: n fp32. R_DROPOUT: R[pos, j] is
+    multiplied by the keep bit of element (rows[pos], j) of adapter a's M×mask_row_len mask (seed:
+    n×2 int32 lo/hi words, thr: n int32) and the sum by keep: n fp32 (1/(1 − p_eff)); BLOCK_J is
+    then a multiple of 16."""
     pid_gs = tl.program_id(0)
     pid_i = tl.program_id(1)
     pid_j = tl.program_id(2)
@@ -55,9 +58,11 @@ def _lora_multi_outer_kernel(
     if not R_GATHER:
         r_base = r_ptr + s.to(tl.int64) * stride_rs
     if R_DROPOUT:
-        seed = tl.load(seed_ptr + adapter)
-        p = tl.load(p_ptr + adapter)
-        keep = tl.load(keep_ptr + adapter)
+        seed_lo = tl.load(seed_ptr + 2 * adapter)
+        seed_hi = tl.load(seed_ptr + 2 * adapter + 1)
+        threshold = tl.load(thr_ptr + adapter)
+        k_groups = tl.cdiv(mask_row_len, 16)  # dropout groups per row (lora_kernels/dropout.py: G = 16)
+        j_start = pid_j.to(tl.int64) * BLOCK_J
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
     for p0 in range(start, end, BLOCK_P):
         pos = p0 + tl.arange(0, BLOCK_P)
@@ -70,26 +75,32 @@ def _lora_multi_outer_kernel(
         rt = tl.load(r_base + r_idx[:, None] * stride_rp + offs_j[None, :] * stride_rj,
                      mask=pos_in[:, None] & j_in[None, :], other=0.0)  # BLOCK_P × BLOCK_J
         if R_DROPOUT:
-            z = dropout_multiplier(seed, rows[:, None] * mask_row_len + offs_j[None, :], p, keep)
-            rt = (rt * z).to(r_ptr.dtype.element_ty)
+            keep = keep_tile(seed_lo, seed_hi, threshold, rows, j_start, k_groups, BLOCK_P, BLOCK_J)
+            rt = apply_keep(rt, keep, DOT_FP32)
         acc = mma(lt, rt, acc, DOT_FP32, INPUT_PRECISION)
     scale = tl.load(scale_ptr + adapter)
+    if R_DROPOUT:
+        scale = scale * tl.load(keep_ptr + adapter)
     out_ptrs = out_ptr + adapter.to(tl.int64) * stride_on + offs_i[:, None] * stride_oi + offs_j[None, :] * stride_oj
     tl.store(out_ptrs, acc * scale, mask=i_in[:, None] & j_in[None, :])
 
 
 def outer_config(block_r: int, elem_bytes: int) -> tuple[int, int, int]:
     """(BLOCK_P, wide tile, num_warps). Interpreter: (32, 64, -). GPU: a compile-only sm_90a review
-    (Triton 3.6 and 3.9, cuobjdump): no spills, except at most 16 bytes for fp32 at rank 256."""
+    (Triton 3.6 and 3.9, cuobjdump): no spills, except at most 16 bytes for fp32 at rank 256. With
+    the 8-bit mask (issue 13), 16-bit dA with dropout at padded rank 32 spilled 8 bytes with 8 warps
+    and none with 4 (Triton 3.9; dB too), hence 4 warps there."""
     if configs.is_interpreter():
         return 32, 64, 4
     if elem_bytes >= 4:
         return (32, 64, 8) if block_r <= 32 else (32, 32, 8) if block_r <= 128 else (16, 32, 8)
+    if block_r == 32:
+        return 32, 64, 4
     return (32, 64, 8) if block_r <= 128 else (32, 32, 8)
 
 
-def _launch_outer(l, r, out, plan, scales, *, l_gather, r_gather, seeds=None, dropout_p=None, keep_scale=None,
-                  mask_row_len=0):
+def _launch_outer(l, r, out, plan, scales, *, l_gather, r_gather, seed_words=None, threshold=None,
+                  keep_scale=None, mask_row_len=0):
     S = plan.group_slots.shape[1]
     G = plan.group_slots.shape[0]
     n, I, J = out.shape
@@ -99,13 +110,17 @@ def _launch_outer(l, r, out, plan, scales, *, l_gather, r_gather, seeds=None, dr
     block_p, wide, warps = outer_config(block_r, l.element_size())
     # the rank side (J for dB, I for dA) is one whole tile; the wide side (N or K) is tiled
     block_i, block_j = (wide, block_r) if l_gather else (block_r, wide)
-    dropout = seeds is not None
+    dropout = seed_words is not None
+    if dropout:
+        check_dropout_tensors(n, seed_words, threshold, keep_scale, out.device)
+        assert block_j % 16 == 0, "the masked side's tile must be a multiple of 16 (one Philox call each)"
     lk = (0, l.stride(0), l.stride(1)) if l_gather else (l.stride(0), l.stride(1), l.stride(2))
     rk = (0, r.stride(0), r.stride(1)) if r_gather else (r.stride(0), r.stride(1), r.stride(2))
     grid = (G * S, triton.cdiv(I, block_i), triton.cdiv(J, block_j))
     _lora_multi_outer_kernel[grid](
         l, r, out, plan.rows, plan.group_start, plan.group_end, plan.group_slots, scales,
-        seeds if dropout else scales, dropout_p if dropout else scales, keep_scale if dropout else scales,
+        seed_words if dropout else plan.group_slots, threshold if dropout else plan.group_slots,
+        keep_scale if dropout else scales,
         I, J, S, mask_row_len,
         *lk, *rk, out.stride(0), out.stride(1), out.stride(2), plan.group_slots.stride(0),
         L_GATHER=l_gather, R_GATHER=r_gather, R_DROPOUT=dropout, DOT_FP32=configs.dot_fp32(),
@@ -115,12 +130,13 @@ def _launch_outer(l, r, out, plan, scales, *, l_gather, r_gather, seeds=None, dr
     return out
 
 
-def lora_multi_a_grad(v, x, plan, n_adapters, r_max, scales, seeds=None, dropout_p=None, keep_scale=None):
-    """dA stacked (n × r_max × K, fp32): s_a · vᵀ·(x ⊙ Z_a) over each adapter's rows."""
+def lora_multi_a_grad(v, x, plan, n_adapters, r_max, scales, seed_words=None, threshold=None, keep_scale=None):
+    """dA stacked (n × r_max × K, fp32): s_a · vᵀ·(x ⊙ Z_a) over each adapter's rows (Z_a from
+    ``seed_words`` / ``threshold`` / ``keep_scale`` as in ``check_dropout_tensors``; none: no dropout)."""
     K = x.shape[1]
     out = torch.zeros((n_adapters, r_max, K), dtype=torch.float32, device=x.device)
-    return _launch_outer(v, x, out, plan, scales, l_gather=False, r_gather=True, seeds=seeds, dropout_p=dropout_p,
-                         keep_scale=keep_scale, mask_row_len=K)
+    return _launch_outer(v, x, out, plan, scales, l_gather=False, r_gather=True, seed_words=seed_words,
+                         threshold=threshold, keep_scale=keep_scale, mask_row_len=K)
 
 
 def lora_multi_b_grad(g, u, plan, n_adapters, r_max, scales):

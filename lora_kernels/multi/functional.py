@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .._triton_env import HAS_TRITON, is_interpreter
 from ..backends import KERNEL_DTYPES, MAX_KERNEL_RANK, requested_backend
-from ..dropout import draw_seed, dropout_mask
+from ..dropout import draw_seed, dropout_mask, seed_halves
 from ..dora import dora_weight_norm_torch
 from .plan import active_adapters_plan, mixed_batch_plan
 from .store import AdapterSpec, build_stack, cached_stack
@@ -201,6 +201,14 @@ def _torch_path(x2d, weight, bias, adapters, row_adapter, active, training, seed
 # triton path (inference)
 
 
+def _seed_words(seeds, n, device) -> torch.Tensor:
+    """The kernels' per-adapter seeds: n×2 int32 (lo, hi words of each seed, as
+    :func:`lora_kernels.dropout.seed_halves` splits it), indexed by adapter. A tensor, not kernel
+    arguments: seeds differ per adapter and per call, and none of them may recompile a kernel."""
+    words = [seed_halves(int(s)) for s in (seeds if seeds is not None else [0] * n)]
+    return torch.tensor(words, dtype=torch.int32, device=device).reshape(n, 2)
+
+
 def _triton_path(x2d, weight, bias, adapters, row_adapter, active, dropout_on, seeds, owner, weight_param):
     from ..kernels.multi_expand import lora_multi_expand_fwd
     from ..kernels.multi_shrink import lora_multi_shrink_fwd, multi_block_m
@@ -220,9 +228,8 @@ def _triton_path(x2d, weight, bias, adapters, row_adapter, active, dropout_on, s
         else:
             plan = mixed_batch_plan(row_adapter, len(adapters), block_m)
             used_dora = any(stack.use_dora)
-        seed_t = torch.tensor([0] * len(adapters) if seeds is None else [int(s) for s in seeds],
-                              dtype=torch.int64, device=x2d.device)
-        u = lora_multi_shrink_fwd(x2d, stack.a, plan, stack.ranks, seed_t, stack.dropout, stack.keep_scale,
+        seed_t = _seed_words(seeds, len(adapters), x2d.device)
+        u = lora_multi_shrink_fwd(x2d, stack.a, plan, stack.ranks, seed_t, stack.threshold, stack.keep_scale,
                                   has_dropout=dropout_on)
         lora_multi_expand_fwd(y, u, stack.b, plan, stack.ranks, stack.scales, bias=bias,
                               dora_scale=stack.dora_scale if used_dora else None)
@@ -243,7 +250,7 @@ class _MultiLoraKernelFn(torch.autograd.Function):
 
         stack, plan, seed_t, dropout_on = meta
         y = F.linear(x2d, weight, bias)
-        u = lora_multi_shrink_fwd(x2d, stack.a, plan, stack.ranks, seed_t, stack.dropout, stack.keep_scale,
+        u = lora_multi_shrink_fwd(x2d, stack.a, plan, stack.ranks, seed_t, stack.threshold, stack.keep_scale,
                                   has_dropout=dropout_on)
         lora_multi_expand_fwd(y, u, stack.b, plan, stack.ranks, stack.scales)
         ctx.save_for_backward(x2d, weight, u)
@@ -262,8 +269,8 @@ class _MultiLoraKernelFn(torch.autograd.Function):
         stack, plan, seed_t, dropout_on = ctx.meta
         g = g.contiguous()
         n, r_max = stack.a.shape[0], stack.a.shape[1]
-        drop = dict(seeds=seed_t, dropout_p=stack.dropout, keep_scale=stack.keep_scale) if dropout_on else {}
-        v = lora_multi_shrink_fwd(g, stack.b.transpose(1, 2), plan, stack.ranks, seed_t, stack.dropout,
+        drop = dict(seed_words=seed_t, threshold=stack.threshold, keep_scale=stack.keep_scale) if dropout_on else {}
+        v = lora_multi_shrink_fwd(g, stack.b.transpose(1, 2), plan, stack.ranks, seed_t, stack.threshold,
                                   stack.keep_scale, has_dropout=False)
         dx = None
         if ctx.needs_input_grad[0]:
@@ -295,8 +302,7 @@ def _triton_train(x2d, weight, bias, adapters, row_adapter, active, dropout_on, 
         plan = active_adapters_plan(x2d.shape[0], active, block_m, x2d.device)
     else:
         plan = mixed_batch_plan(row_adapter, len(adapters), block_m)
-    seed_t = torch.tensor([0] * len(adapters) if seeds is None else [int(s) for s in seeds],
-                          dtype=torch.int64, device=x2d.device)
+    seed_t = _seed_words(seeds, len(adapters), x2d.device)
     a_in = [a.lora_a.to(x2d.dtype) for a in adapters]
     b_in = [b.to(x2d.dtype) for b in bs]
     return _MultiLoraKernelFn.apply(x2d, weight, bias, (stack, plan, seed_t, dropout_on), *a_in, *b_in)

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from ..dora import dora_weight_norm_torch
+from ..dropout import dropout_threshold, keep_scale
 
 
 @dataclass
@@ -62,8 +63,9 @@ class StackedAdapters:
     b: torch.Tensor                  # (n, N, r_max), compute dtype
     ranks: torch.Tensor              # (n,) int32
     scales: torch.Tensor             # (n,) fp32
-    dropout: torch.Tensor            # (n,) fp32
-    keep_scale: torch.Tensor         # (n,) fp32, 1/(1-p)
+    dropout: torch.Tensor            # (n,) fp32: p as given
+    threshold: torch.Tensor          # (n,) int32: the 8-bit mask threshold t (lora_kernels.dropout)
+    keep_scale: torch.Tensor         # (n,) fp32: 1/(1 - p_eff), p_eff = t/256
     dora_scale: torch.Tensor | None  # (n, N) fp32: c = m/n for DoRA adapters, 1 for LoRA; None if no DoRA
     use_dora: list[bool]
     dropout_list: list[float]
@@ -92,12 +94,16 @@ def build_stack(specs: list[AdapterSpec], weight: torch.Tensor, dtype: torch.dty
             norm = dora_weight_norm_torch(weight, s.lora_a, full_b, s.scale)
             c[i] = s.magnitude.detach().float() / norm.float()
     p = [float(s.dropout) for s in specs]
+    for s, q in zip(specs, p):
+        if not 0.0 <= q < 1.0:
+            raise ValueError(f"adapter {s.name!r}: dropout must be in [0, 1), got {q}")
     return StackedAdapters(
         names=[s.name for s in specs], a=a, b=b,
         ranks=torch.tensor([s.rank for s in specs], dtype=torch.int32, device=device),
         scales=torch.tensor([float(s.scale) for s in specs], dtype=torch.float32, device=device),
         dropout=torch.tensor(p, dtype=torch.float32, device=device),
-        keep_scale=torch.tensor([1.0 / (1.0 - q) for q in p], dtype=torch.float32, device=device),
+        threshold=torch.tensor([dropout_threshold(q) for q in p], dtype=torch.int32, device=device),
+        keep_scale=torch.tensor([keep_scale(q) for q in p], dtype=torch.float32, device=device),
         dora_scale=c, use_dora=[s.use_dora for s in specs], dropout_list=p,
     )
 
