@@ -75,6 +75,7 @@ class Launch:
     candidate: int | None = None
     candidates: int | None = None  # after pruning
     configs_declared: int | None = None  # before pruning
+    tune_key: tuple | None = None  # the autotuner's cache key (a new key means a new tuning run)
     # for compilation (not serialised)
     fn: Any = None
     args: tuple = ()
@@ -96,7 +97,8 @@ class Launch:
     def as_dict(self) -> dict:
         d = dict(kind=self.kind, name=self.name, stage=self.stage, order=self.order, grid=list(self.grid),
                  num_warps=self.num_warps, num_stages=self.num_stages, group=self.group, candidate=self.candidate,
-                 candidates=self.candidates, configs_declared=self.configs_declared)
+                 candidates=self.candidates, configs_declared=self.configs_declared,
+                 tune_key=[str(k) for k in self.tune_key] if self.tune_key is not None else None)
         d["params"] = {k: (v.as_dict() if isinstance(v, TensorArg) else v) for k, v in self.params.items()
                        if isinstance(v, (TensorArg, int, float, bool, str)) or v is None}
         return d
@@ -121,7 +123,7 @@ class Recorder(TorchDispatchMode):
         self.stage = "fwd"
         self.all_candidates = all_candidates
         self._groups = 0
-        self._group: tuple | None = None  # (group id, candidate, candidates, declared) while an autotuner runs
+        self._group: tuple | None = None  # (group id, candidate, candidates, declared, key) while tuning
         self._inside_triton = 0
 
     # -- aten ops --------------------------------------------------------------------------------------
@@ -152,25 +154,30 @@ class Recorder(TorchDispatchMode):
                 bound[name] = p.default
         grid_t = grid(bound) if callable(grid) else grid
         grid_t = tuple(int(g) for g in (grid_t if isinstance(grid_t, (tuple, list)) else (grid_t,)))
-        gid, cand, ncand, declared = self._group or (None, None, None, None)
+        gid, cand, ncand, declared, key = self._group or (None, None, None, None, None)
         opts = {k: v for k, v in kwargs.items() if k not in names}
         launch = Launch(
             "triton", fn.fn.__name__, self.stage, len(self.launches),
             params={k: _jsonable(v) for k, v in bound.items()}, grid=grid_t,
             num_warps=opts.get("num_warps", 4), num_stages=opts.get("num_stages", 3),
-            group=gid, candidate=cand, candidates=ncand, configs_declared=declared,
+            group=gid, candidate=cand, candidates=ncand, configs_declared=declared, tune_key=key,
             fn=fn, args=tuple(args), kwargs=dict(kwargs),
         )
         self.launches.append(launch)
 
     def record_autotuned(self, tuner, args, kwargs):
         tuner.nargs = dict(zip(tuner.arg_names, args))
+        # the autotuner's cache key, built as Autotuner.run builds it
+        all_args = {**tuner.nargs, **kwargs}
+        named = {k: v for k, v in all_args.items() if k in tuner.arg_names}
+        key = [named[k] for k in tuner.keys if k in named]
+        key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
         pruned = tuner.prune_configs({k: v for k, v in kwargs.items() if k not in ("grid", "warmup")})
         chosen = pruned if self.all_candidates else pruned[:1]
         gid = self._groups
         self._groups += 1
         for i, cfg in enumerate(chosen):
-            self._group = (gid, i, len(pruned), len(tuner.configs))
+            self._group = (gid, i, len(pruned), len(tuner.configs), tuple(key))
             try:
                 tuner.fn.run(*args, **kwargs, **cfg.all_kwargs())
             finally:
@@ -230,8 +237,10 @@ def check_compilable():
 
 
 @contextlib.contextmanager
-def recording(all_candidates: bool = False, target_programs: int = 264):
-    """Patch Triton's launch entry points and the launchers' GPU query; yield a :class:`Recorder`."""
+def recording(all_candidates: bool = False, target_programs: int = 264, autotune: bool | None = None):
+    """Patch Triton's launch entry points and the launchers' GPU query; yield a :class:`Recorder`.
+
+    The launchers use their fixed (default) configs unless ``autotune`` (default: ``all_candidates``)."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
@@ -247,7 +256,8 @@ def recording(all_candidates: bool = False, target_programs: int = 264):
             mod.target_programs = lambda device, _n=target_programs: _n
     _ACTIVE.append(rec)
     try:
-        with _env(LORA_KERNELS_AUTOTUNE="1" if all_candidates else "0"), rec:
+        tune = all_candidates if autotune is None else autotune
+        with _env(LORA_KERNELS_AUTOTUNE="1" if tune else "0"), rec:
             yield rec
     finally:
         _ACTIVE.pop()
@@ -276,7 +286,7 @@ class Problem:
 
 
 def capture_problem(problem: Problem, path: str, all_candidates: bool = False,
-                    target_programs: int = 264) -> list[Launch]:
+                    target_programs: int = 264, autotune: bool | None = None, seed: int = 1234) -> list[Launch]:
     """Run the real backend's forward and backward for ``problem`` on meta tensors; return its launches."""
     from .. import triton_backend as tb
 
@@ -287,8 +297,8 @@ def capture_problem(problem: Problem, path: str, all_candidates: bool = False,
     a, b = torch.empty(r, K, **meta), torch.empty(N, r, **meta)
     bias = torch.empty(N, **meta) if problem.bias else None
     g = torch.empty(M, N, **meta)
-    scale, seed = 2.0, 1234
-    with recording(all_candidates, target_programs) as rec:
+    scale = 2.0
+    with recording(all_candidates, target_programs, autotune) as rec:
         if problem.kind == "lora":
             rec.stage = "fwd"
             _, u = tb.lora_linear_fwd(x, w, bias, a, b, scale, problem.p, seed, path)

@@ -90,6 +90,39 @@ class Inspector:
         return (rep.main_loop_instructions - off.main_loop_instructions) * 32 * rep.num_warps / elems
 
 
+def hazards(prob, path, insp, target, target_programs) -> dict:
+    """Recompiles and re-tunes a training run would hit: a new seed (compared by binary hash at seeds
+    16 and 2**33 + 7 against 1234) and a new token count within the same power-of-two bucket (the
+    autotuners' cache keys at M and M - 8)."""
+    import dataclasses
+
+    from .capture import capture_problem
+
+    out = {"seed_recompiles": [], "retunes_on_new_token_count": []}
+    if prob.p > 0:
+        ref = [l for l in capture_problem(prob, path, target_programs=target_programs) if l.kind == "triton"]
+        ref_hash = [insp.binary(l, target).hash for l in ref]
+        for seed in (16, 2**33 + 7):
+            other = [l for l in capture_problem(prob, path, target_programs=target_programs, seed=seed)
+                     if l.kind == "triton"]
+            for l, l_ref, h in zip(other, ref, ref_hash):
+                if any("seed" in k for k in l.params) and insp.binary(l, target).hash != h:
+                    note = f"{l.name} ({l.stage}, seed {seed})"
+                    if note not in out["seed_recompiles"]:
+                        out["seed_recompiles"].append(note)
+    keys = []
+    for M in (prob.M, prob.M - 8):
+        launches = capture_problem(dataclasses.replace(prob, M=M), path, target_programs=target_programs,
+                                   autotune=True)
+        keys.append([(l.name, l.stage, l.tune_key) for l in launches if l.kind == "triton" and l.candidate == 0])
+    for a, b in zip(*keys):
+        if a != b:
+            out["retunes_on_new_token_count"].append(f"{a[0]} ({a[1]})")
+    if len(keys[0]) != len(keys[1]):
+        out["retunes_on_new_token_count"].append("a different number of autotuned launches")
+    return out
+
+
 def _config_text(launch) -> str:
     blocks = ",".join(f"{k.replace('BLOCK_', '').replace('GROUP_M', 'G')}={v}" for k, v in launch.params.items()
                       if k.startswith("BLOCK_") or k == "GROUP_M")
@@ -101,7 +134,7 @@ def _flags_text(launch) -> str:
 
 
 def run(projections=None, tokens=None, ranks=None, dropouts=None, dtypes=None, kinds=None, paths=None,
-        targets=None, all_candidates=False, gpu="h200", progress=None) -> dict:
+        targets=None, all_candidates=False, gpu="h200", progress=None, check_hazards=True) -> dict:
     """The whole inspection in this process (Triton must not be in interpreter mode here)."""
     from .capture import Problem, capture_problem
 
@@ -114,7 +147,7 @@ def run(projections=None, tokens=None, ranks=None, dropouts=None, dtypes=None, k
     hw = GPUS[gpu]
     insp = Inspector(hw, progress)
     model_target = "sm_90a" if "sm_90a" in targets else targets[0]
-    launches_out, binaries_used, rows = [], {}, []
+    launches_out, binaries_used, rows, hazard_rows = [], {}, [], []
     for kind in kinds:
         for dtype in dtypes:
             for (proj, K, N) in projections:
@@ -129,6 +162,11 @@ def run(projections=None, tokens=None, ranks=None, dropouts=None, dtypes=None, k
                                 launches = capture_problem(prob, path, all_candidates, 2 * hw.sms)
                                 costs[path] = _model_path(prob, path, launches, targets, model_target, insp, hw,
                                                           launches_out, binaries_used)
+                                if check_hazards and not any(h["kind"] == kind and h["path"] == path
+                                                             and h["p"] == p for h in hazard_rows):
+                                    progress and progress(f"recompile checks {kind} {path} p={p}")
+                                    hazard_rows.append(dict(kind=kind, path=path, p=p, projection=proj, M=M,
+                                                            **hazards(prob, path, insp, model_target, 2 * hw.sms)))
                             if kind == "lora":
                                 for scen, eff in roofline.EFFICIENCIES.items():
                                     costs.setdefault("eager", {})[scen] = roofline.eager_pattern(
@@ -148,14 +186,14 @@ def run(projections=None, tokens=None, ranks=None, dropouts=None, dtypes=None, k
                                         fwd_us=sum(c.t for c in ops if c.stage == "fwd") * 1e6,
                                         bwd_us=sum(c.t for c in ops if c.stage == "bwd") * 1e6,
                                         ops=[c.as_dict() for c in ops]))
-    binaries = list(binaries_used.values())
+    binaries = sorted(binaries_used.values(), key=lambda b: (b["kernel"], b["flags"], b["config"], b["target"]))
     return dict(
         tool="lora-kernels inspect", modeled=True,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         triton=_triton_version(), gpu=hw.as_dict(), targets=targets, model_target=model_target,
         all_candidates=all_candidates, efficiencies=roofline.EFFICIENCIES,
-        binaries=binaries, launches=launches_out, rows=rows,
-        summary=summarize(binaries, rows),
+        binaries=binaries, launches=launches_out, rows=rows, recompiles=hazard_rows,
+        summary=summarize(binaries, rows, hazard_rows),
     )
 
 
@@ -217,7 +255,7 @@ def _add(ops, groups, scen, launch, cost):
         ops[groups[key]] = cost
 
 
-def summarize(binaries, rows) -> dict:
+def summarize(binaries, rows, hazard_rows=()) -> dict:
     spilling = [b["id"] + " " + b["kernel"] + " " + b["config"] for b in binaries if b["spills"]]
     extras = [b["dropout_extra_per_element"] for b in binaries
               if b["dropout_extra_per_element"] is not None and "shrink" in b["kernel"]]
@@ -235,6 +273,8 @@ def summarize(binaries, rows) -> dict:
         max_shrink_dropout_extra_per_element=max(extras) if extras else None,
         max_launches={f"{k}/{p}": max(v) for (k, p), v in launches.items()},
         best_ratio_ideal={"/".join(str(x) for x in k): v for k, v in best.items()},
+        seed_recompiles=sorted({x for h in hazard_rows for x in h["seed_recompiles"]}),
+        retunes_on_new_token_count=sorted({x for h in hazard_rows for x in h["retunes_on_new_token_count"]}),
     )
 
 
@@ -316,6 +356,9 @@ def report_markdown(report: dict) -> str:
         "per element (max over binaries)" if s["max_shrink_dropout_extra_per_element"] is not None
         else "- dropout cost in the shrink loop: not measured (no dropout binary)",
         "- device launches per fwd+bwd: " + ", ".join(f"{k}: {v}" for k, v in s["max_launches"].items()),
+        "- a new dropout seed recompiles: " + ("; ".join(s.get("seed_recompiles", [])) or "nothing"),
+        "- a new token count in the same power-of-two bucket re-tunes: "
+        + ("; ".join(s.get("retunes_on_new_token_count", [])) or "nothing"),
         "", "## Modeled fwd+bwd time / frozen base (cuBLAS x·Wᵀ + g·W)", "", ratio_matrix(report["rows"]),
         "", "## Binaries", "", binaries_markdown(report["binaries"]), "",
     ]
