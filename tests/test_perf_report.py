@@ -1,7 +1,7 @@
 """The compile-level performance report (lora_kernels.perf, ``lora-kernels inspect``).
 
-One small inspection (q/o, M = 8192, r = 16, bf16, p in {0, 0.1}, fused and hybrid, default configs,
-sm_90a) runs once per module in a clean process (Triton must not be in interpreter mode to compile),
+One small inspection (q/o, M = 8192, r = 16, bf16, p in {0, 0.1}, LoRA and DoRA, fused and hybrid,
+default configs, sm_90a) runs once per module in a clean process (Triton must not be in interpreter mode to compile),
 then issue 13's "Done when" bounds are checked on it: no spill in any default binary, dropout at
 most 12 extra SASS instructions per element in the shrink loop, at most 7 device launches for a
 hybrid LoRA fwd+bwd (5 fused). Every time and ratio is modeled.
@@ -23,7 +23,7 @@ def report():
     from lora_kernels.perf import run_inspection
 
     return run_inspection(projections=["q/o"], tokens=[8192], ranks=[16], dropouts=[0.0, 0.1],
-                          paths=["fused", "hybrid"], targets=["sm_90a"], check_hazards=False)
+                          kinds=["lora", "dora"], paths=["fused", "hybrid"], targets=["sm_90a"], check_hazards=False)
 
 
 def _lora_rows(report, path, efficiency="ideal"):
