@@ -128,3 +128,23 @@ def test_device_launches_per_lora_fwd_bwd(report, path, bound):
     counts = {r["p"]: r["launches"] for r in _lora_rows(report, path)}
     assert set(counts) == {0.0, 0.1}
     assert max(counts.values()) <= bound, f"{path} LoRA fwd+bwd launches: {counts}"
+
+
+def test_cli_writes_json_and_markdown(report, tmp_path, monkeypatch, capsys):
+    """The CLI wiring (the inspection itself is the module fixture's, not run again)."""
+    from lora_kernels.perf import report as report_module
+
+    seen = {}
+
+    def fake_run_isolated(**opts):
+        seen.update(opts)
+        return report
+
+    monkeypatch.setattr(report_module, "run_isolated", fake_run_isolated)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    out = tmp_path / "out"
+    assert main(["inspect", "--quick", "--ranks", "16", "--out", str(out)]) == 0
+    assert seen["projections"] == ["q/o"] and seen["ranks"] == [16] and seen["all_candidates"] is False
+    assert json.loads((out / "report.json").read_text())["modeled"] is True
+    md = (out / "report.md").read_text()
+    assert "modeled" in md and "## Binaries" in md and md.strip() in capsys.readouterr().out
