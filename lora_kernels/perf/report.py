@@ -79,15 +79,17 @@ class Inspector:
         return self.reports[key]
 
     def dropout_extra(self, launch, target, rep):
-        """Extra SASS instructions per masked element (main loop, dropout on minus off); None if no dropout."""
+        """Extra SASS instructions per masked element, dropout on minus off (same config):
+        (in the main loop, in the whole binary); (None, None) without dropout flags."""
         if not _dropout_flags(launch):
-            return None
+            return None, None
         tile = element_tile(launch)
         if tile is None:
-            return None
+            return None, None
         off = self.binary(_twin(launch), target)
-        elems = launch.params[tile[0]] * launch.params[tile[1]]
-        return (rep.main_loop_instructions - off.main_loop_instructions) * 32 * rep.num_warps / elems
+        per = 32 * rep.num_warps / (launch.params[tile[0]] * launch.params[tile[1]])
+        return ((rep.main_loop_instructions - off.main_loop_instructions) * per,
+                (rep.instructions - off.instructions) * per)
 
 
 def hazards(prob, path, insp, target, target_programs) -> dict:
@@ -213,7 +215,7 @@ def _model_path(prob, path, launches, targets, model_target, insp, hw, launches_
         if launch.kind == "triton":
             for target in targets:
                 rep = insp.binary(launch, target)
-                extra = insp.dropout_extra(launch, target, rep)
+                extra, extra_binary = insp.dropout_extra(launch, target, rep)
                 key = f"{rep.hash[:12]}:{target}"
                 tile = element_tile(launch)
                 threads = 32 * rep.num_warps
@@ -228,11 +230,11 @@ def _model_path(prob, path, launches, targets, model_target, insp, hw, launches_
                     occupancy_limit=rep.occupancy_limit, mma=rep.mma_kind, hgmma=rep.hgmma, hmma=rep.hmma,
                     tma=rep.tma, instructions=rep.instructions, main_loop_instructions=rep.main_loop_instructions,
                     element_tile=list(tile) if tile else None, instructions_per_element=ipe,
-                    dropout_extra_per_element=extra))
+                    dropout_extra_per_element=extra, dropout_extra_binary_per_element=extra_binary))
                 entry["binaries"][target] = key
                 if target == model_target:
                     for scen, eff in roofline.EFFICIENCIES.items():
-                        c = roofline.triton_cost(launch, rep, hw, eff["triton"], extra)
+                        c = roofline.triton_cost(launch, rep, hw, eff["triton"], extra_binary)
                         c.notes.append(f"binary {key}")
                         _add(per_scen[scen], groups, scen, launch, c)
         else:
@@ -309,11 +311,12 @@ def ratio_matrix(rows: list[dict]) -> str:
 
 def binaries_markdown(binaries: list[dict]) -> str:
     lines = ["| kernel | target | config | flags | regs | spill st/ld (B) | smem (KB) | CTAs/SM (limit) | MMA | TMA | "
-             "main-loop instr. | instr./element | dropout extra instr./element |",
+             "main-loop instr. | instr./element | dropout extra instr./element: main loop (binary) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in binaries:
         ipe = f"{b['instructions_per_element']:.1f}" if b["instructions_per_element"] is not None else "-"
-        ext = f"{b['dropout_extra_per_element']:.1f}" if b["dropout_extra_per_element"] is not None else "-"
+        ext = (f"{b['dropout_extra_per_element']:.1f} ({b.get('dropout_extra_binary_per_element') or 0:.1f})"
+               if b["dropout_extra_per_element"] is not None else "-")
         cand = f" (cand. {b['candidate'] + 1}/{b['candidates']})" if b.get("candidate") is not None else ""
         lines.append(f"| {b['kernel']} | {b['target']} | {b['config']}{cand} | {b['flags']} | {b['registers']} | "
                      f"{b['spill_stores']}/{b['spill_loads']} | {b['shared'] / 1024:.0f} | "
@@ -329,12 +332,13 @@ def launches_markdown(report: dict, projection: str, p: float, path: str, effici
         return ""
     lines = [f"Launches of `{path}` at {projection}, p = {p}, M = {row['M']}, r = {row['r']} "
              f"({roofline.EFFICIENCIES[efficiency]['label']}; all times modeled):", "",
-             "| stage | launch | model | GFLOP | HBM MB (compulsory) | t_mma | t_mem | t_issue | t_rng | t (µs) | notes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| stage | launch | model | GFLOP | HBM MB (compulsory) | t_mma | t_mem | t_issue | t_rng | t_crit | "
+             "t (µs) | notes |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in row["ops"]:
         lines.append(f"| {c['stage']} | {c['name']} | {c['model']} | {c['flops'] / 1e9:.1f} | "
                      f"{c['bytes_hbm'] / 1e6:.0f} ({c['bytes_compulsory'] / 1e6:.0f}) | {c['t_mma'] * 1e6:.1f} | "
                      f"{c['t_mem'] * 1e6:.1f} | {c['t_issue'] * 1e6:.1f} | {c['t_rng'] * 1e6:.1f} | "
+                     f"{c.get('t_crit', 0) * 1e6:.1f} | "
                      f"{c['t'] * 1e6:.1f} | {'; '.join(c['notes'])} |")
     return "\n".join(lines)
 

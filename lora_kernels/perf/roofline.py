@@ -48,6 +48,8 @@ class LaunchCost:
     t_mem: float = 0.0
     t_issue: float = 0.0
     t_rng: float = 0.0
+    t_crit: float = 0.0  # the longest single program (its serial bytes at a fair share of HBM per SM)
+    masked: float = 0.0  # elements whose dropout mask the launch makes (per mask site)
     t: float = 0.0
     notes: list = field(default_factory=list)
 
@@ -96,15 +98,28 @@ def _shrink(launch, c: LaunchCost, gpu: GPU, slots: int):
     P, Q, R = _p(launch, "P"), _p(launch, "Q"), _p(launch, "R")
     inp, mat, out = _tensor(launch, "inp_ptr"), _tensor(launch, "mat_ptr"), _tensor(launch, "out_ptr")
     br = _p(launch, "BLOCK_R", R)
+    bp = _p(launch, "BLOCK_P", 64)
     e_in, e_out = _esize(inp), _esize(out)
-    splits = launch.grid[1] if len(launch.grid) > 1 else 1
+    splits = launch.grid[1] if len(launch.grid) > 1 else 1  # split-Q partials (older launchers)
     c.flops = 2.0 * P * Q * br
     mat_bytes = Q * R * _esize(mat)
     c.bytes_compulsory = P * Q * e_in + mat_bytes + splits * P * R * e_out
     if _p(launch, "STORE_DROPPED"):
         c.bytes_compulsory += P * Q * e_in
     c.bytes_hbm = c.bytes_compulsory - mat_bytes + _operand_traffic([launch.grid[0]], mat_bytes, mat_bytes, gpu)
-    return P * Q, ("BLOCK_P", "BLOCK_Q")
+    serial = [bp * Q / splits * e_in]  # streamed by one program (the small matrix comes from L2)
+    elements = c.masked = P * Q
+    if _p(launch, "SECOND"):  # a second product in the same launch (v and dB together)
+        P2, Q2 = _p(launch, "P2"), _p(launch, "Q2")
+        inp2, mat2, out2 = _tensor(launch, "inp2_ptr"), _tensor(launch, "mat2_ptr"), _tensor(launch, "out2_ptr")
+        c.flops += 2.0 * P2 * Q2 * br
+        b2 = P2 * Q2 * _esize(inp2) + Q2 * R * _esize(mat2) + P2 * R * _esize(out2)
+        c.bytes_compulsory += b2
+        c.bytes_hbm += b2
+        serial.append(bp * Q2 * _esize(inp2))
+        elements += P2 * Q2
+    c.t_crit = max(serial) / (gpu.hbm_bytes_per_s / gpu.sms)
+    return elements, ("BLOCK_P", "BLOCK_Q")
 
 
 def _linear_fwd(launch, c: LaunchCost, gpu: GPU, slots: int):
@@ -139,30 +154,43 @@ def _linear_bwd(launch, c: LaunchCost, gpu: GPU, slots: int):
     x = _tensor(launch, "x_ptr")
     e = _esize(x)
     br = _p(launch, "BLOCK_R", R)
+    bm, bk = _p(launch, "BLOCK_M"), _p(launch, "BLOCK_K")
     base, dx = _p(launch, "BASE_GEMM", True), _p(launch, "COMPUTE_DX", True)
     dora_drop = _p(launch, "DORA_DROPOUT", False)
-    splits = launch.grid[1] if len(launch.grid) > 1 else 1
+    da = _tensor(launch, "da_ptr")
     c.flops = 2.0 * M * K * br * (2 if dx else 1)
-    c.bytes_compulsory = M * K * e + M * R * e + R * K * e + splits * R * K * 4
+    c.masked = M * K
+    c.bytes_compulsory = M * K * e + M * R * e + R * K * e + (da.nbytes if da is not None else R * K * 4)
     if dx:
         c.bytes_compulsory += M * K * e * (1 if base else (3 if dora_drop else 2))
     c.bytes_hbm = c.bytes_compulsory
+    per_sm_bw = gpu.hbm_bytes_per_s / gpu.sms
+    g_bytes, w_bytes = M * N * e, N * K * e
+    if "rows_per_split" in launch.params:
+        # programs (K block, M split): each walks its M range, the N loop inside (dA in registers)
+        kb = launch.grid[0]
+        rows = min(_p(launch, "rows_per_split"), M)
+        steps = math.ceil(rows / bm)
+        ks = [len({i % kb for i in w}) for w in _waves(launch.programs, slots)]
+        ss = [len({i // kb for i in w}) for w in _waves(launch.programs, slots)]
+        w_panels, w_panel = [k * steps for k in ks], N * bk * e  # a W panel is re-read at every M step
+        g_panels, g_panel = ss, rows * N * e  # a g row range is shared by the K blocks of a wave
+        c.t_crit = rows * bk * e / per_sm_bw
+    else:
+        # one launch: cdiv(K, BLOCK_K) dA programs (each walks all M), then one program per dx tile,
+        # M blocks fastest
+        kb, mb = math.ceil(K / bk), math.ceil(M / bm)
+        order = [None] * kb + [(t % mb, t // mb) for t in range(launch.programs - kb)]
+        waves = _waves(len(order), slots)
+        w_panels = [len({order[i][1] for i in w if order[i] is not None}) for w in waves]
+        g_panels = [len({order[i][0] for i in w if order[i] is not None}) for w in waves]
+        w_panel, g_panel = N * bk * e, bm * N * e
+        c.t_crit = M * bk * e / per_sm_bw  # one dA program streams its x column block (v from L2)
     if base and dx:
         c.flops += 2.0 * M * N * K * (2 if dora_drop else 1)
-        g_bytes, w_bytes = M * N * e, N * K * e
         c.bytes_compulsory += g_bytes + w_bytes
-        bm, bk = _p(launch, "BLOCK_M"), _p(launch, "BLOCK_K")
-        kb = launch.grid[0]
-        rows_per_split = _p(launch, "rows_per_split", M)
-        steps = math.ceil(min(rows_per_split, M) / bm)
-        ks, ss = [], []
-        for wave in _waves(launch.programs, slots):
-            ks.append(len({i % kb for i in wave}))
-            ss.append(len({i // kb for i in wave}))
-        # lockstep: a W panel (N×BLOCK_K) is re-read at every M step, shared by the splits in the wave;
-        # a g row block is shared by the K blocks in the wave
-        w_traffic = _operand_traffic([k * steps for k in ks], N * bk * e, w_bytes, gpu)
-        g_traffic = _operand_traffic(ss, min(rows_per_split, M) * N * e, g_bytes, gpu)
+        w_traffic = _operand_traffic(w_panels, w_panel, w_bytes, gpu)
+        g_traffic = _operand_traffic(g_panels, g_panel, g_bytes, gpu)
         c.bytes_hbm += w_traffic + g_traffic
         c.notes.append(f"W read {w_traffic / w_bytes:.1f}x, g read {g_traffic / g_bytes:.1f}x")
     return M * K, ("BLOCK_M", "BLOCK_K")
@@ -197,7 +225,11 @@ KERNEL_MODELS = [  # (substring of the kernel name, model)
 
 
 def triton_cost(launch, binary, gpu: GPU, eff: float, rng_per_element: float | None) -> LaunchCost:
-    """Model one Triton launch; ``binary`` is its :class:`~.sass.BinaryReport` (None: unknown)."""
+    """Model one Triton launch; ``binary`` is its :class:`~.sass.BinaryReport` (None: unknown).
+
+    ``rng_per_element``: the dropout binary's extra instructions over its no-dropout twin (whole
+    binary, all mask sites together) per element of the masked tile; each site covers the masked
+    elements once per launch."""
     c = LaunchCost(launch.name, launch.stage, "generic", programs=launch.programs)
     ctas = binary.ctas_per_sm if binary is not None else 1
     slots = c.slots = gpu.sms * max(ctas, 1)
@@ -215,16 +247,16 @@ def triton_cost(launch, binary, gpu: GPU, eff: float, rng_per_element: float | N
         per_elem = binary.main_loop_instructions * threads / tile_elems
         if c.model == "shrink":  # a streaming loop: its whole body is issue work per element
             c.instructions = per_elem * elements
-        if rng_per_element:
-            c.rng_instructions = rng_per_element * elements
+        if rng_per_element and rng_per_element > 0:
+            c.rng_instructions = rng_per_element * (c.masked or elements)
             if c.model == "shrink":
                 c.instructions -= c.rng_instructions  # already inside the loop count
     c.t_issue = c.instructions / gpu.instructions_per_s
     c.t_rng = c.rng_instructions / gpu.instructions_per_s
     if c.model == "shrink":
-        c.t = max(c.t_mma, c.t_mem, c.t_issue + c.t_rng)
+        c.t = max(c.t_mma, c.t_mem, c.t_issue + c.t_rng, c.t_crit)
     else:
-        c.t = max(c.t_mma + c.t_rng, c.t_mem, c.t_issue)
+        c.t = max(c.t_mma + c.t_rng, c.t_mem, c.t_issue, c.t_crit)
     c.t += gpu.launch_overhead_s
     return c
 
