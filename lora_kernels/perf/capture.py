@@ -227,13 +227,13 @@ def check_compilable():
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("lora-kernels inspect compiles kernels: it must run with TRITON_INTERPRET unset "
                            "(use lora_kernels.perf.run_inspection, which starts a clean process when needed)")
-    from triton.runtime.jit import JITFunction
+    from .. import triton_backend  # noqa: F401  (imports the kernels)
 
-    from ..kernels import shrink
-    for v in vars(shrink).values():
-        if callable(v) and getattr(v, "__name__", "").startswith("_lora") and not isinstance(v, JITFunction) \
-                and type(v).__name__ == "InterpretedFunction":
-            raise RuntimeError("Triton kernels were imported in interpreter mode in this process")
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("lora_kernels.kernels"):
+            for v in vars(mod).values():
+                if type(v).__name__ == "InterpretedFunction":
+                    raise RuntimeError(f"{name} was imported with Triton in interpreter mode in this process")
 
 
 @contextlib.contextmanager
