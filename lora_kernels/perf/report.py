@@ -270,7 +270,7 @@ def summarize(binaries, rows, hazard_rows=()) -> dict:
         if r["efficiency"] == "ideal" and r["path"] != "eager":
             k = (r["kind"], r["projection"], r["M"], r["r"], r["p"], r["dtype"])
             best[k] = min(best.get(k, float("inf")), r["ratio_vs_base"])
-    return dict(
+    out = dict(
         binaries=len(binaries), spilling_binaries=spilling,
         max_shrink_dropout_extra_per_element=max(extras) if extras else None,
         max_launches={f"{k}/{p}": max(v) for (k, p), v in launches.items()},
@@ -278,6 +278,49 @@ def summarize(binaries, rows, hazard_rows=()) -> dict:
         seed_recompiles=sorted({x for h in hazard_rows for x in h["seed_recompiles"]}),
         retunes_on_new_token_count=sorted({x for h in hazard_rows for x in h["retunes_on_new_token_count"]}),
     )
+    out["issue13_checks"] = issue13_checks(out, rows, bool(hazard_rows))
+    return out
+
+
+def issue13_checks(s: dict, rows: list[dict], hazards_checked: bool) -> list[dict]:
+    """Issue 13's "Done when" items this report can evaluate (ok None: not covered by this run)."""
+    checks = []
+
+    def add(name, ok, detail):
+        checks.append(dict(check=name, ok=ok, detail=detail))
+
+    add("no spill in any inspected binary", not s["spilling_binaries"], f"{len(s['spilling_binaries'])} spilling")
+    x = s["max_shrink_dropout_extra_per_element"]
+    add("dropout <= 12 extra SASS instructions per element in the shrink loop", None if x is None else x <= 12,
+        "not measured" if x is None else f"{x:.1f}")
+    for path, bound in (("hybrid", 7), ("fused", 5)):
+        n = s["max_launches"].get(f"lora/{path}")
+        add(f"<= {bound} device launches for a {path} LoRA fwd+bwd", None if n is None else n <= bound,
+            "not run" if n is None else str(n))
+    ideal = [r for r in rows if r["kind"] == "lora" and r["efficiency"] == "ideal"]
+    qo = [r for r in ideal if (r["K"], r["N"]) == (4096, 4096) and r["p"] == 0.1 and r["path"] != "eager"]
+    best_qo = min((r["ratio_vs_base"] for r in qo), default=None)
+    add("modeled best path <= 1.20x the frozen base at q/o, p = 0.1, 100 % GEMM efficiency",
+        None if best_qo is None else best_qo <= 1.20, "not run" if best_qo is None else f"{best_qo:.2f}")
+    behind = []
+    for r in ideal:
+        if r["path"] == "eager":
+            ours = [o["ratio_vs_base"] for o in ideal if o["path"] != "eager" and o["projection"] == r["projection"]
+                    and o["p"] == r["p"] and o["M"] == r["M"] and o["r"] == r["r"] and o["dtype"] == r["dtype"]]
+            if ours and min(ours) >= r["ratio_vs_base"]:
+                behind.append(f"{r['projection']} p={r['p']} ({min(ours):.2f} vs eager {r['ratio_vs_base']:.2f})")
+    has_eager = any(r["path"] == "eager" for r in ideal)
+    add("modeled best path ahead of the eager pattern at every shape (100 % GEMM efficiency)",
+        None if not has_eager else not behind, "; ".join(behind) or ("ahead everywhere" if has_eager else "not run"))
+    w = [op["reread"]["W"] for r in ideal if r["path"] == "fused" for op in r["ops"] if op.get("reread")]
+    add("fused dx GEMM reads W <= 2x its size (modeled)", None if not w else max(w) <= 2.0,
+        "no fused dx GEMM" if not w else f"max {max(w):.1f}x")
+    add("a new seed never recompiles", None if not hazards_checked else not s["seed_recompiles"],
+        "not checked" if not hazards_checked else ("; ".join(s["seed_recompiles"]) or "none"))
+    add("a new token count (same bucket) never re-tunes", None if not hazards_checked
+        else not s["retunes_on_new_token_count"],
+        "not checked" if not hazards_checked else ("; ".join(s["retunes_on_new_token_count"]) or "none"))
+    return checks
 
 
 # -- markdown --------------------------------------------------------------------------------------------
@@ -306,6 +349,14 @@ def ratio_matrix(rows: list[dict]) -> str:
         any_row = next(iter(d.values()))
         lines.append(f"| {kind} | {proj} ({any_row['K']}→{any_row['N']}) | {p} | {path} | {any_row['launches']} | "
                      f"{d['ideal']['ratio_vs_base']:.2f} | {d['realistic']['ratio_vs_base']:.2f} |")
+    return "\n".join(lines)
+
+
+def checks_markdown(checks: list[dict]) -> str:
+    lines = ["| check | result | detail |", "|---|---|---|"]
+    for c in checks:
+        res = "n/a" if c["ok"] is None else ("pass" if c["ok"] else "FAIL")
+        lines.append(f"| {c['check']} | {res} | {c['detail']} |")
     return "\n".join(lines)
 
 
@@ -363,6 +414,7 @@ def report_markdown(report: dict) -> str:
         "- a new dropout seed recompiles: " + ("; ".join(s.get("seed_recompiles", [])) or "nothing"),
         "- a new token count in the same power-of-two bucket re-tunes: "
         + ("; ".join(s.get("retunes_on_new_token_count", [])) or "nothing"),
+        "", "## Issue 13 checks (from this run)", "", checks_markdown(s.get("issue13_checks", [])),
         "", "## Modeled fwd+bwd time / frozen base (cuBLAS x·Wᵀ + g·W)", "", ratio_matrix(report["rows"]),
         "", "## Binaries", "", binaries_markdown(report["binaries"]), "",
     ]

@@ -50,6 +50,7 @@ class LaunchCost:
     t_rng: float = 0.0
     t_crit: float = 0.0  # the longest single program (its serial bytes at a fair share of HBM per SM)
     masked: float = 0.0  # elements whose dropout mask the launch makes (per mask site)
+    reread: dict = field(default_factory=dict)  # operand -> modeled HBM traffic / its size
     t: float = 0.0
     notes: list = field(default_factory=list)
 
@@ -192,6 +193,7 @@ def _linear_bwd(launch, c: LaunchCost, gpu: GPU, slots: int):
         w_traffic = _operand_traffic(w_panels, w_panel, w_bytes, gpu)
         g_traffic = _operand_traffic(g_panels, g_panel, g_bytes, gpu)
         c.bytes_hbm += w_traffic + g_traffic
+        c.reread = {"W": w_traffic / w_bytes, "g": g_traffic / g_bytes}
         c.notes.append(f"W read {w_traffic / w_bytes:.1f}x, g read {g_traffic / g_bytes:.1f}x")
     return M * K, ("BLOCK_M", "BLOCK_K")
 
