@@ -131,7 +131,7 @@ class Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
-        if not (func.is_view or name in _NOT_LAUNCHES or self._inside_triton):
+        if func.namespace == "aten" and not (func.is_view or name in _NOT_LAUNCHES or self._inside_triton):
             tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
             outs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
             params = {f"in{i}": tensor_arg(t) for i, t in enumerate(tensors)}
@@ -285,31 +285,82 @@ class Problem:
                     dtype=self.dtype, kind=self.kind, bias=self.bias)
 
 
+@contextlib.contextmanager
+def _modeled_cuda(sms: int, capability: int):
+    """Answer torch.cuda's device queries for the modeled GPU while launchers run on fake CUDA tensors."""
+    import types
+
+    props = types.SimpleNamespace(name="modeled GPU", major=capability // 10, minor=capability % 10,
+                                  multi_processor_count=sms, total_memory=141 * 10**9, L2_cache_size=50 * 2**20,
+                                  warp_size=32, max_threads_per_multi_processor=2048,
+                                  regs_per_multiprocessor=65536, shared_memory_per_multiprocessor=228 * 1024,
+                                  shared_memory_per_block_optin=227 * 1024)
+    fakes = dict(is_available=lambda: True, device_count=lambda: 1, current_device=lambda: 0,
+                 get_device_capability=lambda device=None: (props.major, props.minor),
+                 get_device_properties=lambda device=None: props, get_device_name=lambda device=None: props.name)
+    saved = {k: getattr(torch.cuda, k) for k in fakes}
+    for k, v in fakes.items():
+        setattr(torch.cuda, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(torch.cuda, k, v)
+
+
 def capture_problem(problem: Problem, path: str, all_candidates: bool = False,
-                    target_programs: int = 264, autotune: bool | None = None, seed: int = 1234) -> list[Launch]:
-    """Run the real backend's forward and backward for ``problem`` on meta tensors; return its launches."""
+                    target_programs: int = 264, autotune: bool | None = None, seed: int = 1234,
+                    device: str = "auto", capability: int = 90) -> list[Launch]:
+    """Run the real backend's forward and backward for ``problem``; return its launches.
+
+    ``device``: 'cuda-fake' runs the launchers on fake CUDA tensors (torch's FakeTensorMode: shapes,
+    strides and a CUDA device, no memory) with torch.cuda's device queries answered for the modeled
+    GPU, so a launcher that picks a path by device sees what it would see on that GPU; 'meta' runs
+    them on meta tensors; 'auto' tries 'cuda-fake' and falls back to 'meta' (the launches record which).
+    """
+    if device == "auto":
+        try:
+            return capture_problem(problem, path, all_candidates, target_programs, autotune, seed, "cuda-fake",
+                                   capability)
+        except Exception:  # noqa: BLE001 - any failure of the fake device: the plain meta capture
+            return capture_problem(problem, path, all_candidates, target_programs, autotune, seed, "meta")
+    if device not in ("cuda-fake", "meta"):
+        raise ValueError(f"device: expected 'auto', 'cuda-fake' or 'meta', got {device!r}")
     from .. import triton_backend as tb
 
+    fake = device == "cuda-fake"
+    if fake:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode, env = FakeTensorMode(), _modeled_cuda(target_programs // 2, capability)
+    else:
+        mode, env = contextlib.nullcontext(), contextlib.nullcontext()
     dt = getattr(torch, problem.dtype)
     M, K, N, r = problem.M, problem.K, problem.N, problem.r
-    meta = dict(device="meta", dtype=dt)
-    x, w = torch.empty(M, K, **meta), torch.empty(N, K, **meta)
-    a, b = torch.empty(r, K, **meta), torch.empty(N, r, **meta)
-    bias = torch.empty(N, **meta) if problem.bias else None
-    g = torch.empty(M, N, **meta)
-    scale = 2.0
-    with recording(all_candidates, target_programs, autotune) as rec:
-        if problem.kind == "lora":
-            rec.stage = "fwd"
-            _, u = tb.lora_linear_fwd(x, w, bias, a, b, scale, problem.p, seed, path)
-            rec.stage = "bwd"
-            tb.lora_linear_bwd(g, x, w, a, b, u, scale, problem.p, seed, True, path)
-        elif problem.kind == "dora":
-            m = torch.empty(N, **meta)
-            rec.stage = "fwd"
-            _, u, h, norm = tb.dora_linear_fwd(x, w, bias, a, b, m, scale, problem.p, seed, path)
-            rec.stage = "bwd"
-            tb.dora_linear_bwd(g, x, w, a, b, m, u, h, norm, scale, problem.p, seed, True, path)
-        else:
-            raise ValueError(f"kind: expected 'lora' or 'dora', got {problem.kind!r}")
+    kw = dict(device="cuda" if fake else "meta", dtype=dt)
+    import warnings
+
+    with env, mode, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
+        x, w = torch.empty(M, K, **kw), torch.empty(N, K, **kw)
+        a, b = torch.empty(r, K, **kw), torch.empty(N, r, **kw)
+        bias = torch.empty(N, **kw) if problem.bias else None
+        g = torch.empty(M, N, **kw)
+        scale = 2.0
+        with recording(all_candidates, target_programs, autotune) as rec:
+            if problem.kind == "lora":
+                rec.stage = "fwd"
+                _, u = tb.lora_linear_fwd(x, w, bias, a, b, scale, problem.p, seed, path)
+                rec.stage = "bwd"
+                tb.lora_linear_bwd(g, x, w, a, b, u, scale, problem.p, seed, True, path)
+            elif problem.kind == "dora":
+                m = torch.empty(N, **kw)
+                rec.stage = "fwd"
+                _, u, h, norm = tb.dora_linear_fwd(x, w, bias, a, b, m, scale, problem.p, seed, path)
+                rec.stage = "bwd"
+                tb.dora_linear_bwd(g, x, w, a, b, m, u, h, norm, scale, problem.p, seed, True, path)
+            else:
+                raise ValueError(f"kind: expected 'lora' or 'dora', got {problem.kind!r}")
+    for launch in rec.launches:
+        launch.params["capture_device"] = device
     return rec.launches

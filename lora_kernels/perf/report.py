@@ -195,7 +195,7 @@ def run(projections=None, tokens=None, ranks=None, dropouts=None, dtypes=None, k
         triton=_triton_version(), gpu=hw.as_dict(), targets=targets, model_target=model_target,
         all_candidates=all_candidates, efficiencies=roofline.EFFICIENCIES,
         binaries=binaries, launches=launches_out, rows=rows, recompiles=hazard_rows,
-        summary=summarize(binaries, rows, hazard_rows),
+        summary=dict(summarize(binaries, rows, hazard_rows), capture_devices=capture_devices(launches_out)),
     )
 
 
@@ -280,6 +280,15 @@ def summarize(binaries, rows, hazard_rows=()) -> dict:
     )
     out["issue13_checks"] = issue13_checks(out, rows, bool(hazard_rows))
     return out
+
+
+def capture_devices(launches: list[dict]) -> dict:
+    """(kind/path) -> the device the launchers ran on: cuda-fake, or meta where the fake device failed."""
+    out = {}
+    for l in launches:
+        key = f"{l['problem']['kind']}/{l['path']}"
+        out.setdefault(key, set()).add(l["params"].get("capture_device", "meta"))
+    return {k: ",".join(sorted(v)) for k, v in out.items()}
 
 
 def issue13_checks(s: dict, rows: list[dict], hazards_checked: bool) -> list[dict]:
@@ -412,6 +421,8 @@ def report_markdown(report: dict) -> str:
         else "- dropout cost in the shrink loop: not measured (no dropout binary)",
         "- device launches per fwd+bwd: " + ", ".join(f"{k}: {v}" for k, v in s["max_launches"].items()),
         "- a new dropout seed recompiles: " + ("; ".join(s.get("seed_recompiles", [])) or "nothing"),
+        "- launchers ran on: " + ", ".join(f"{k}: {v}" for k, v in s.get("capture_devices", {}).items())
+        + " (cuda-fake: fake CUDA tensors with the modeled GPU's device queries; meta: the fallback)",
         "- a new token count in the same power-of-two bucket re-tunes: "
         + ("; ".join(s.get("retunes_on_new_token_count", [])) or "nothing"),
         "", "## Issue 13 checks (from this run)", "", checks_markdown(s.get("issue13_checks", [])),
