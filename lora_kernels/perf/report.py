@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import subprocess
@@ -150,44 +151,33 @@ def run(projections=None, tokens=None, ranks=None, dropouts=None, dtypes=None, k
     insp = Inspector(hw, progress)
     model_target = "sm_90a" if "sm_90a" in targets else targets[0]
     launches_out, binaries_used, rows, hazard_rows = [], {}, [], []
-    for kind in kinds:
-        for dtype in dtypes:
-            for (proj, K, N) in projections:
-                for M in tokens:
-                    for r in ranks:
-                        for p in dropouts:
-                            prob = Problem(proj, M, K, N, r, p, dtype, kind)
-                            e = {"float32": 4}.get(dtype, 2)
-                            costs = {}
-                            for path in paths:
-                                progress and progress(f"capture {kind} {path} {proj} M={M} r={r} p={p} {dtype}")
-                                launches = capture_problem(prob, path, all_candidates, 2 * hw.sms)
-                                costs[path] = _model_path(prob, path, launches, targets, model_target, insp, hw,
-                                                          launches_out, binaries_used)
-                                if check_hazards and not any(h["kind"] == kind and h["path"] == path
-                                                             and h["p"] == p for h in hazard_rows):
-                                    progress and progress(f"recompile checks {kind} {path} p={p}")
-                                    hazard_rows.append(dict(kind=kind, path=path, p=p, projection=proj, M=M,
-                                                            **hazards(prob, path, insp, model_target, 2 * hw.sms)))
-                            if kind == "lora":
-                                for scen, eff in roofline.EFFICIENCIES.items():
-                                    costs.setdefault("eager", {})[scen] = roofline.eager_pattern(
-                                        M, N, K, r, p, e, hw, eff["cublas"])
-                            base = {scen: roofline.base_pattern(M, N, K, e, hw, eff["cublas"])
-                                    for scen, eff in roofline.EFFICIENCIES.items()}
-                            for path, per_scen in costs.items():
-                                for scen in roofline.EFFICIENCIES:
-                                    ops = per_scen[scen]
-                                    t = sum(c.t for c in ops)
-                                    tb = sum(c.t for c in base[scen])
-                                    rows.append(dict(
-                                        prob.as_dict(), path=path, efficiency=scen,
-                                        efficiency_label=roofline.EFFICIENCIES[scen]["label"],
-                                        launches=len(ops), time_us=t * 1e6, base_us=tb * 1e6,
-                                        ratio_vs_base=t / tb, modeled=True,
-                                        fwd_us=sum(c.t for c in ops if c.stage == "fwd") * 1e6,
-                                        bwd_us=sum(c.t for c in ops if c.stage == "bwd") * 1e6,
-                                        ops=[c.as_dict() for c in ops]))
+    for kind, dtype, (proj, K, N), M, r, p in itertools.product(kinds, dtypes, projections, tokens, ranks, dropouts):
+        prob = Problem(proj, M, K, N, r, p, dtype, kind)
+        e = {"float32": 4}.get(dtype, 2)
+        costs = {}
+        for path in paths:
+            progress and progress(f"capture {kind} {path} {proj} M={M} r={r} p={p} {dtype}")
+            launches = capture_problem(prob, path, all_candidates, 2 * hw.sms)
+            costs[path] = _model_path(prob, path, launches, targets, model_target, insp, hw, launches_out,
+                                      binaries_used)
+            if check_hazards and not any(h["kind"] == kind and h["path"] == path and h["p"] == p
+                                         for h in hazard_rows):
+                progress and progress(f"recompile checks {kind} {path} p={p}")
+                hazard_rows.append(dict(kind=kind, path=path, p=p, projection=proj, M=M,
+                                        **hazards(prob, path, insp, model_target, 2 * hw.sms)))
+        if kind == "lora":
+            costs["eager"] = {scen: roofline.eager_pattern(M, N, K, r, p, e, hw, eff["cublas"])
+                              for scen, eff in roofline.EFFICIENCIES.items()}
+        base = {scen: roofline.base_pattern(M, N, K, e, hw, eff["cublas"]) for scen, eff in roofline.EFFICIENCIES.items()}
+        tb = {scen: sum(c.t for c in ops) for scen, ops in base.items()}
+        for path, per_scen in costs.items():
+            for scen, ops in per_scen.items():
+                t = sum(c.t for c in ops)
+                rows.append(dict(
+                    prob.as_dict(), path=path, efficiency=scen, efficiency_label=roofline.EFFICIENCIES[scen]["label"],
+                    launches=len(ops), time_us=t * 1e6, base_us=tb[scen] * 1e6, ratio_vs_base=t / tb[scen],
+                    modeled=True, fwd_us=sum(c.t for c in ops if c.stage == "fwd") * 1e6,
+                    bwd_us=sum(c.t for c in ops if c.stage == "bwd") * 1e6, ops=[c.as_dict() for c in ops]))
     binaries = sorted(binaries_used.values(), key=lambda b: (b["kernel"], b["flags"], b["config"], b["target"]))
     return dict(
         tool="lora-kernels inspect", modeled=True,
