@@ -168,7 +168,8 @@ def run(projections=None, tokens=None, ranks=None, dropouts=None, dtypes=None, k
         if kind == "lora":
             costs["eager"] = {scen: roofline.eager_pattern(M, N, K, r, p, e, hw, eff["cublas"])
                               for scen, eff in roofline.EFFICIENCIES.items()}
-        base = {scen: roofline.base_pattern(M, N, K, e, hw, eff["cublas"]) for scen, eff in roofline.EFFICIENCIES.items()}
+        base = {scen: roofline.base_pattern(M, N, K, e, hw, eff["cublas"])
+                for scen, eff in roofline.EFFICIENCIES.items()}
         tb = {scen: sum(c.t for c in ops) for scen, ops in base.items()}
         for path, per_scen in costs.items():
             for scen, ops in per_scen.items():
@@ -457,7 +458,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--dtypes", default=None, help="comma-separated bfloat16,float16,float32 (default bfloat16)")
     p.add_argument("--kinds", default=None, help="lora, dora or lora,dora (default lora)")
     p.add_argument("--paths", default=None, help="fused,hybrid (default both)")
-    p.add_argument("--targets", default=None, help="comma-separated sm_90a,sm_80 (default sm_90a; the model uses sm_90a)")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated sm_90a,sm_80 (default sm_90a; the model uses sm_90a)")
     p.add_argument("--gpu", choices=sorted(GPUS), default="h200", help="GPU figures for the model (default h200)")
     p.add_argument("--all-candidates", action="store_true",
                    help="compile every autotune candidate left after pruning (slow); default: the default configs")
