@@ -117,8 +117,9 @@ def test_no_default_binary_spills(report):
 
 
 def test_dropout_costs_at_most_12_sass_instructions_per_element_in_the_shrink_loop(report):
+    # the mask's cost in u = (x ⊙ Z)·Aᵀ (DoRA's variant that also stores x ⊙ Z pays for that store too)
     extras = [b["dropout_extra_per_element"] for b in report["binaries"]
-              if "shrink" in b["kernel"] and b["dropout_extra_per_element"] is not None]
+              if "shrink" in b["kernel"] and b["dropout_extra_per_element"] is not None and "DROPPED" not in b["flags"]]
     assert extras, "no shrink binary with dropout was inspected"
     assert max(extras) <= 12, f"dropout costs {max(extras):.1f} extra SASS instructions per element"
 
