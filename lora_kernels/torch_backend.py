@@ -49,23 +49,23 @@ def dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude, scale: float, dr
     """
     norm = dora_weight_norm_torch(weight, lora_a, lora_b, scale)
     c = magnitude.to(norm.dtype) / norm
-    z = None
+    acc = c.dtype
     xd = x
     if dropout_p > 0.0:
-        z = dropout_mask(seed, x.shape[0], x.shape[1], dropout_p, dtype=x.dtype, device=x.device)
-        xd = x * z
+        xd = x * dropout_mask(seed, x.shape[0], x.shape[1], dropout_p, dtype=x.dtype, device=x.device)
     u = xd @ lora_a.t()
-    lora = (u @ lora_b.t()).mul_(scale)
-    if z is not None:
-        dropped = xd @ weight.t()
-        h = dropped + lora
-        y = x @ weight.t() + (c - 1.0) * dropped + c * lora
+    base = torch.nn.functional.linear(x, weight, bias)  # the frozen layer's own output
+    lora = (u @ lora_b.t()).to(acc).mul_(scale)
+    if dropout_p > 0.0:
+        plain = (xd @ weight.t()).to(acc)
     else:
-        h = x @ weight.t() + lora
-        y = c * h
-    if bias is not None:
-        y = y + bias
-    return y.to(x.dtype), u, h, norm
+        plain = base.to(acc)
+        if bias is not None:
+            plain = plain - bias.to(acc)
+    h = plain + lora
+    # PEFT's form: y = base + (c − 1)·P + c·s·u·Bᵀ; at init (c == 1, B == 0) y is base bit for bit
+    y = base.to(acc) + ((c - 1.0) * plain + c * lora)
+    return y.to(x.dtype), u, h.to(x.dtype), norm
 
 
 def dora_linear_bwd(grad_y, x, weight, lora_a, lora_b, magnitude, u, h, norm, scale: float, dropout_p: float,

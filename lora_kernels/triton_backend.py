@@ -5,11 +5,14 @@ forward and backward, for the two paths of DESIGN.md §4.
 - ``hybrid``: cuBLAS (torch.mm) for x·Wᵀ + b and g·W; Triton adds s·u·Bᵀ into y and s·(v·A)⊙Z into
   dx in place.
 
-Both: u = (x⊙Z)·Aᵀ with Z made in registers; v = g·B; dB = s·gᵀ·u and dA = s·vᵀ·(x⊙Z) reduced in
-a fixed order (deterministic). Same contract as :mod:`lora_kernels.torch_backend`.
+Both: u = (x⊙Z)·Aᵀ with Z made in registers; v = g·B and dB = s·gᵀ·u in one launch; dA = s·vᵀ·(x⊙Z)
+in the dx launch; every reduction in a fixed order by one program (deterministic, no finishing
+launches). Launches for one LoRA forward + backward: fused 4 (shrink, GEMM+expand, v+dB, dx+dA),
+hybrid 6 (the same plus cuBLAS's x·Wᵀ and g·W). Same contract as :mod:`lora_kernels.torch_backend`.
 
-DoRA (DESIGN.md §3) reuses the same kernels: c = m/n enters the forward epilogue (which also
-writes h for dm) and the dx GEMM (g ⊙ c formed in registers); v = g·(c ⊙ B) and dB = c ⊙ (s·gᵀ·u),
+DoRA (DESIGN.md §3) reuses the same kernels: c = m/n enters the forward epilogue in PEFT's form
+y = base + ((c − 1)·P + c·s·u·Bᵀ), exact at init (the epilogue also writes h for dm), and the dx
+GEMM (g ⊙ c formed in registers); v = g·(c ⊙ B) and dB = c ⊙ (s·gᵀ·u),
 so no g ⊙ c tensor is needed on the fused path. With dropout, PEFT's formula needs xd·Wᵀ: x ⊙ Z is
 written once by the shrink kernel as a transient GEMM operand (freed after the forward, never saved).
 """
@@ -20,7 +23,7 @@ import torch
 from .kernels.dora import dora_magnitude_grad_bwd, dora_weight_norm
 from .kernels.linear_bwd import lora_linear_bwd as _linear_bwd
 from .kernels.linear_fwd import lora_linear_fwd as _linear_fwd
-from .kernels.shrink import lora_b_grad_bwd, lora_shrink_bwd, lora_shrink_fwd
+from .kernels.shrink import lora_grad_shrink_bwd, lora_shrink_fwd
 
 PATHS = ("fused", "hybrid")
 
@@ -45,8 +48,7 @@ def lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale: float, dropout_p: fl
 
 def lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, u, scale: float, dropout_p: float, seed: int,
                     compute_dx: bool, path: str):
-    v = lora_shrink_bwd(grad_y, lora_b)
-    grad_b = lora_b_grad_bwd(grad_y, u, scale)
+    v, grad_b = lora_grad_shrink_bwd(grad_y, lora_b, u, scale)
     dx = torch.mm(grad_y, weight) if (compute_dx and path == "hybrid") else None
     grad_x, grad_a = _linear_bwd(grad_y, weight, v, lora_a, x, scale, seed, dropout_p, dx=dx, compute_dx=compute_dx)
     return grad_x, grad_a, grad_b
@@ -64,7 +66,7 @@ def dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude, scale: float, dr
     if path == "fused":
         y = _linear_fwd(x, weight, bias, u, lora_b, scale, dora_scale=c, h=h, x_dropped=x_dropped)
     else:
-        y = torch.mm(x, weight.t())
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())  # the base output
         if x_dropped is not None:
             torch.mm(x_dropped, weight.t(), out=h)
         _linear_fwd(x, weight, bias, u, lora_b, scale, y=y, dora_scale=c, h=h, x_dropped=x_dropped)
@@ -74,8 +76,8 @@ def dora_linear_fwd(x, weight, bias, lora_a, lora_b, magnitude, scale: float, dr
 def dora_linear_bwd(grad_y, x, weight, lora_a, lora_b, magnitude, u, h, norm, scale: float, dropout_p: float,
                     seed: int, compute_dx: bool, path: str):
     c = magnitude.float() / norm
-    v = lora_shrink_bwd(grad_y, (lora_b.float() * c[:, None]).to(lora_b.dtype))  # (g ⊙ c)·B
-    grad_b = lora_b_grad_bwd(grad_y, u, scale, row_scale=c)
+    v, grad_b = lora_grad_shrink_bwd(grad_y, (lora_b.float() * c[:, None]).to(lora_b.dtype), u, scale,
+                                     row_scale=c)  # v = (g ⊙ c)·B, dB = c ⊙ s·gᵀ·u
     grad_m = dora_magnitude_grad_bwd(grad_y, h, norm).to(magnitude.dtype)
     dx = aux = None
     if compute_dx and path == "hybrid":

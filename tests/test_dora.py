@@ -258,3 +258,24 @@ def test_triton_norm_kernel_matches_materialised_norm(kernel_device, dtype, r):
     n = dora_weight_norm(w, a, b, 2.0)
     ref = dora_weight_norm_ref(w.double().cpu(), a.double().cpu(), b.double().cpu(), 2.0)
     assert rel_error(n.cpu(), ref) < 1e-6  # fp32 accumulation of exactly representable inputs
+
+
+@pytest.mark.parametrize("path", ["torch", "fused", "hybrid"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [f32, bf16])
+def test_dora_at_init_is_the_base_output_exactly(path, p, dtype):
+    """m == n (so c == 1) and B == 0: PEFT's form y = base + ((c − 1)·P + c·s·u·Bᵀ) adds exactly 0,
+    so y is the base output bit for bit (torch: F.linear; hybrid: cuBLAS/torch addmm; fused: the
+    fused GEMM's own x·Wᵀ + b, i.e. the LoRA output of the same path with B == 0)."""
+    device = "cpu" if path == "torch" else KERNEL_DEVICE
+    x, w, a, _, _, bias, _ = _problem(33, 40, 48, 8, dtype, device=device)
+    b = torch.zeros(40, 8, dtype=dtype, device=device)
+    mag = dora_weight_norm_torch(w, a, b, 2.0) if path == "torch" else \
+        __import__("lora_kernels.kernels.dora", fromlist=["dora_weight_norm"]).dora_weight_norm(w, a, b, 2.0)
+    y = dora_linear(x, w, a, b, mag, 2.0, bias, dropout_p=p, seed=7, backend=path)
+    if path == "fused":
+        from lora_kernels import lora_linear
+        base = lora_linear(x, w, a, b, 2.0, bias, dropout_p=p, seed=7, backend="fused")
+    else:
+        base = torch.nn.functional.linear(x, w, bias)
+    assert torch.equal(y, base), (y - base).abs().max()

@@ -98,3 +98,59 @@ def test_opcheck(kernel_device, impl):
     _, u = torch.ops.lora_kernels.lora_linear_fwd(*fwd_args)
     bwd_args = (g, x, w, a.detach(), b.detach(), u.detach(), 0.5, 0.1, 7, impl, True)
     torch.library.opcheck(torch.ops.lora_kernels.lora_linear_bwd, bwd_args)
+
+
+_METADATA_OPS = {"empty", "empty_strided", "view", "t", "transpose", "unsqueeze", "as_strided", "detach",
+                 "alias", "reshape", "_unsafe_view", "expand", "permute", "select", "slice", "lift_fresh"}
+
+
+def _count_launches(monkeypatch, fn):
+    """Device launches of ``fn``: Triton kernel launches plus torch ops that compute (not views)."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    from lora_kernels.kernels import linear_bwd, linear_fwd, shrink
+    launches = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in _METADATA_OPS:
+                launches.append(name)
+            return func(*args, **(kwargs or {}))
+
+    class Counted:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                launches.append(self.name)
+                with _disable_current_modes():
+                    return self.kernel[grid](*args, **kw)
+            return run
+
+    for module, attr in ((shrink, "_lora_shrink_kernel"), (linear_fwd, "_lora_linear_fwd_kernel"),
+                         (linear_bwd, "_lora_linear_bwd_kernel")):
+        monkeypatch.setattr(module, attr, Counted(getattr(module, attr), attr))
+    with Ops():
+        fn()
+    return launches
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("path,budget", [("fused", 5), ("hybrid", 7)])
+def test_lora_fwd_bwd_launch_count(kernel_device, monkeypatch, path, budget):
+    """Issue 13: one LoRA forward + backward (frozen W and bias, dropout on) is at most 5 device
+    launches on the fused path and 7 on the hybrid one (its two cuBLAS GEMMs included): partial
+    sums, scales and casts live inside the kernels."""
+    from lora_kernels import triton_backend as tb
+    x, w, a, b = (torch.randn(*s, device=kernel_device) for s in ((40, 32), (48, 32), (8, 32), (48, 8)))
+    g = torch.randn(40, 48, device=kernel_device)
+
+    def step():
+        y, u = tb.lora_linear_fwd(x, w, None, a, b, 2.0, 0.1, 123, path)
+        tb.lora_linear_bwd(g, x, w, a, b, u, 2.0, 0.1, 123, True, path)
+
+    launches = _count_launches(monkeypatch, step)
+    expected = {"fused": 4, "hybrid": 6}[path]
+    assert len(launches) == expected <= budget, launches

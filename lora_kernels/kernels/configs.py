@@ -36,10 +36,18 @@ GPU_FIXED_CONFIG = {
     "dora_norm": triton.Config(dict(BLOCK_N=64, BLOCK_K=128), num_warps=4, num_stages=3),
 }
 
+# Small tiles only fp32 operands use (see _FP32_CONFIGS below); pruned for fp16/bf16.
+_FP32_EXTRA = {
+    "linear_fwd": [(32, 32, 32, 4, 3), (32, 32, 16, 8, 3), (16, 32, 16, 4, 3)],
+    "linear_bwd": [(32, 32, 32, 8, 3), (16, 32, 16, 8, 3)],
+    "shrink": [(32, 32, 8, 3)],
+}
+
 _GPU_CONFIGS = {
     "shrink": [
         triton.Config(dict(BLOCK_P=bp, BLOCK_Q=bq), num_warps=w, num_stages=s)
         for bp, bq, w, s in [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3)]
+        + _FP32_EXTRA["shrink"]
     ],
     "linear_fwd": [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
@@ -52,7 +60,7 @@ _GPU_CONFIGS = {
             (64, 64, 64, 4, 4),
             (64, 64, 64, 8, 3),
             (64, 64, 32, 8, 3),
-        ]
+        ] + _FP32_EXTRA["linear_fwd"]
     ],
     "linear_bwd": [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=s)
@@ -65,34 +73,109 @@ _GPU_CONFIGS = {
             (64, 64, 64, 8, 3),
             (64, 32, 64, 8, 3),
             (64, 32, 32, 8, 3),
-        ]
+        ] + _FP32_EXTRA["linear_bwd"]
     ],
 }
+
+# fp32 operands ("ieee" dots are FMA loops whose operands are replicated across threads): only these
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) compiled without spills in issue 13's compile-only
+# sweep (DoRA with dropout, the largest variant, as the test case; the shrink with dropout and the
+# v+dB launch), per padded rank; for fp32 they replace every other rule (the Philox-sharing rule
+# included: FMA dots dominate there). A rank uses the list of the next listed rank up.
+# Left: the dx kernel at rank 256 spilled in every shape tried (least: 16×32×16 / 8 warps, 144 B).
+_FP32_CONFIGS = {
+    "linear_fwd": {
+        16: [(64, 64, 64, 4, 4), (64, 64, 64, 8, 3), (64, 64, 32, 8, 3)],
+        64: [(64, 64, 32, 8, 3), (32, 32, 32, 4, 3)],
+        128: [(32, 32, 32, 4, 3)],
+        256: [(32, 32, 16, 8, 3), (16, 32, 16, 4, 3)],
+    },
+    "linear_bwd": {
+        16: [(64, 32, 32, 8, 3), (32, 32, 32, 8, 3), (16, 32, 16, 8, 3)],
+        64: [(32, 32, 32, 8, 3), (16, 32, 16, 8, 3)],
+        128: [(16, 32, 16, 8, 3)],
+        256: [(16, 32, 16, 8, 3)],
+    },
+    # (BLOCK_P, BLOCK_Q, num_warps, num_stages); the shrink with dropout and the v+dB launch
+    "shrink": {
+        64: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3)],
+        128: [(64, 64, 8, 3)],
+        256: [(32, 32, 8, 3)],
+    },
+}
+
+
+def _key(cfg: triton.Config) -> tuple:
+    kw = cfg.kwargs
+    if "BLOCK_P" in kw:
+        return (kw["BLOCK_P"], kw["BLOCK_Q"], cfg.num_warps, cfg.num_stages)
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], cfg.num_warps, cfg.num_stages)
+
+
+def _fp32_allowed(kind: str, block_r: int) -> list:
+    table = _FP32_CONFIGS[kind]
+    return table[min(r for r in table if r >= block_r)]
+
+
+_FP32_ONLY = {kind: set(extra) for kind, extra in _FP32_EXTRA.items()}
 
 # Register / shared-memory budgets, from ptxas -v on sm_90 (a compile-only review; see
 # docs/architecture.md): the rank-wide tiles (u·Bᵀ, v·A, the dA accumulator) keep the other tile dims
 # <= 64 at R = 256 and <= 128 at R = 128, and ranks >= 128 need 8 warps to hold their fp32
-# accumulators without spilling. fp32 operands ("ieee" dots, no tensor cores) spill on big tiles.
+# accumulators without spilling (fp32 operands: see _FP32_CONFIGS).
 _MAX_TILE_WITH_RANK = 64 * 256
-_MAX_FP32_TILE = 64 * 128
 
 
-def _fits(kind: str, cfg: triton.Config, block_r: int, elem_bytes: int = 2) -> bool:
+# Prune rules added from the compile-only sweep of issue 13 (every candidate compiled for sm_90a with
+# the triton 3.9 wheel, run-time specialisation: aligned pointers, unit inner strides):
+# - a Philox call covers 16 elements, so a dropout tile with fewer than 16 elements per thread makes
+#   threads compute the same calls (64×32 tiles on 8 warps: 17.8 extra SASS/element instead of ~9);
+# - DoRA with dropout keeps two fp32 output tiles (and the dx kernel's rank operands beside them):
+#   more than 64 tile elements per thread spilled (forward 128×256/8 warps, 128×128/4 warps), and so
+#   did the dx tile 128×64 on 4 warps (64 per thread): 4-warp dx tiles are held to 32 per thread;
+#   at ranks >= 128 the forward 128×128/8 warps spilled too (32 B): the bound halves there.
+MIN_DROPOUT_ELEMS_PER_THREAD = 16
+MAX_DORA_DROPOUT_ELEMS_PER_THREAD = {"linear_fwd": {4: 64, 8: 64}, "linear_bwd": {4: 32, 8: 64}}
+DORA_DROPOUT_HIGH_RANK = 128  # from this padded rank on, the DoRA bound above is halved
+
+
+def _per_thread(rows: int, cols: int, num_warps: int) -> float:
+    return rows * cols / (32 * num_warps)
+
+
+def _fits(kind: str, cfg: triton.Config, block_r: int, elem_bytes: int = 2, flags: dict | None = None) -> bool:
     kw = cfg.kwargs
+    flags = flags or {}
+    if kind in _FP32_CONFIGS:
+        if elem_bytes >= 4:
+            return _key(cfg) in _fp32_allowed(kind, block_r)
+        if _key(cfg) in _FP32_ONLY[kind]:
+            return False
     if block_r >= 128 and cfg.num_warps < 8:
         return False
+    if kind == "shrink" and flags.get("HAS_DROPOUT") and \
+            _per_thread(kw["BLOCK_P"], kw["BLOCK_Q"], cfg.num_warps) < MIN_DROPOUT_ELEMS_PER_THREAD:
+        return False
+    if kind in ("linear_fwd", "linear_bwd"):
+        rows, cols = (kw["BLOCK_M"], kw["BLOCK_N"]) if kind == "linear_fwd" else (kw["BLOCK_M"], kw["BLOCK_K"])
+        per_thread = _per_thread(rows, cols, cfg.num_warps)
+        if kind == "linear_bwd" and flags.get("HAS_DROPOUT") and per_thread < MIN_DROPOUT_ELEMS_PER_THREAD:
+            return False
+        if flags.get("DORA_DROPOUT"):
+            bound = MAX_DORA_DROPOUT_ELEMS_PER_THREAD[kind].get(cfg.num_warps, 32)
+            if per_thread > (bound // 2 if block_r >= DORA_DROPOUT_HIGH_RANK else bound):
+                return False
     if kind == "shrink":
-        return kw["BLOCK_P"] * block_r <= 2 * _MAX_TILE_WITH_RANK and (
-            elem_bytes < 4 or kw["BLOCK_P"] * kw["BLOCK_Q"] <= _MAX_FP32_TILE)
+        return kw["BLOCK_P"] * block_r <= 2 * _MAX_TILE_WITH_RANK
     rows, cols = (kw["BLOCK_M"], kw["BLOCK_N"]) if kind == "linear_fwd" else (kw["BLOCK_M"], kw["BLOCK_K"])
-    return max(rows, cols) * block_r <= _MAX_TILE_WITH_RANK and (elem_bytes < 4 or rows * cols <= _MAX_FP32_TILE)
+    return max(rows, cols) * block_r <= _MAX_TILE_WITH_RANK
 
 
 def use_fixed_config() -> bool:
     return is_interpreter() or os.environ.get("LORA_KERNELS_AUTOTUNE", "1") == "0"
 
 
-def fixed_config(kind: str, block_r: int = 16, elem_bytes: int = 2) -> dict:
+def fixed_config(kind: str, block_r: int = 16, elem_bytes: int = 2, flags: dict | None = None) -> dict:
     """Meta-parameters (block sizes, and num_warps/num_stages on a GPU) for the fixed config.
 
     On a GPU, a config too big for the rank (or for fp32) is replaced by the largest listed one that fits.
@@ -100,8 +183,8 @@ def fixed_config(kind: str, block_r: int = 16, elem_bytes: int = 2) -> dict:
     if is_interpreter():
         return dict(INTERPRETER_CONFIG[kind])
     cfg = GPU_FIXED_CONFIG[kind]
-    if kind in _GPU_CONFIGS and not _fits(kind, cfg, block_r, elem_bytes):
-        fitting = [c for c in _GPU_CONFIGS[kind] if _fits(kind, c, block_r, elem_bytes)]
+    if kind in _GPU_CONFIGS and not _fits(kind, cfg, block_r, elem_bytes, flags):
+        fitting = [c for c in _GPU_CONFIGS[kind] if _fits(kind, c, block_r, elem_bytes, flags)]
         cfg = max(fitting, key=lambda c: sorted(c.kwargs.values())) if fitting else _GPU_CONFIGS[kind][-1]
     return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -111,13 +194,15 @@ def autotune_configs(kind: str) -> list[triton.Config]:
 
 
 def prune_by_rank(kind: str):
-    """A ``prune_configs_by`` hook dropping configs whose tiles would spill for this rank and dtype."""
+    """A ``prune_configs_by`` hook dropping configs whose tiles would spill (or waste Philox calls)
+    for this rank, dtype and path flags."""
 
     def prune(configs, named_args, **kwargs):
         block_r = named_args.get("BLOCK_R", kwargs.get("BLOCK_R", 16))
         first = next((v for v in named_args.values() if hasattr(v, "element_size")), None)
         elem_bytes = first.element_size() if first is not None else 2
-        kept = [c for c in configs if _fits(kind, c, block_r, elem_bytes)]
+        flags = {k: kwargs.get(k, named_args.get(k)) for k in ("HAS_DROPOUT", "DORA_DROPOUT")}
+        kept = [c for c in configs if _fits(kind, c, block_r, elem_bytes, flags)]
         return kept or configs[-1:]
 
     return prune

@@ -86,11 +86,12 @@ def _dora_magnitude_grad_kernel(
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_in = offs_n < N
     row_start = pid_s.to(tl.int64) * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, M)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m0 in range(row_start, row_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        inside = (offs_m < row_end)[:, None] & n_in[None, :]
+    # A plain trip count (an argument) and bounds by mask: no range() over a tensor bound
+    # (the triton 3.6 interpreter fails on those with numpy >= 2.4). Splits are whole BLOCK_Ms.
+    for dm in range(0, rows_per_split, BLOCK_M):
+        offs_m = row_start + dm + tl.arange(0, BLOCK_M).to(tl.int64)
+        inside = (offs_m < M)[:, None] & n_in[None, :]
         g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=inside, other=0.0)
         h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_n[None, :] * stride_hn, mask=inside, other=0.0)
         acc += tl.sum(g.to(tl.float32) * h.to(tl.float32), axis=0)

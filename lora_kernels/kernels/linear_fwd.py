@@ -1,13 +1,15 @@
 """Forward GEMM with the LoRA expand in its epilogue: ``_lora_linear_fwd_kernel`` and its launcher.
 
     LoRA:            y = x·Wᵀ + b + s·u·Bᵀ                      (u = (x ⊙ Z)·Aᵀ from :mod:`.shrink`)
-    DoRA, no drop:   h = x·Wᵀ + s·u·Bᵀ,   y = c ⊙ h + b
-    DoRA, dropout:   h = xd·Wᵀ + s·u·Bᵀ,  y = x·Wᵀ + b + c ⊙ h − xd·Wᵀ
-                     (= x·Wᵀ + b + (c − 1) ⊙ (xd·Wᵀ) + c ⊙ s·u·Bᵀ, PEFT's formula; xd = x ⊙ Z)
+    DoRA:            P = x·Wᵀ (no dropout) or xd·Wᵀ (dropout, xd = x ⊙ Z),  h = P + s·u·Bᵀ,
+                     y = (x·Wᵀ + b) + ((c − 1) ⊙ P + c ⊙ s·u·Bᵀ)      (PEFT's formula; at init,
+                     c == 1 and B == 0, y equals the base output bit for bit), evaluated as
+                     y = (x·Wᵀ + b + s·u·Bᵀ) + (c − 1) ⊙ h
 
 BASE_GEMM=True is the fused path: the kernel computes x·Wᵀ (and xd·Wᵀ, sharing each W tile)
-itself and writes y (and h) once. BASE_GEMM=False is the hybrid path: cuBLAS already wrote x·Wᵀ
-into y (LoRA: plus b) and, for DoRA with dropout, xd·Wᵀ into h; the kernel finishes them in place.
+itself and writes y (and h) once. BASE_GEMM=False is the hybrid path: cuBLAS already wrote x·Wᵀ + b
+into y and, for DoRA with dropout, xd·Wᵀ into h; the kernel finishes them in place (DoRA without
+dropout gets b as well, to recover x·Wᵀ = y − b).
 """
 from __future__ import annotations
 
@@ -26,14 +28,15 @@ def _lora_linear_fwd_kernel(
     stride_xm, stride_xk, stride_xdm, stride_xdk, stride_wn, stride_wk, stride_um, stride_ur,
     stride_bn, stride_br, stride_ym, stride_yn, stride_hm, stride_hn,
     scale,
-    M_BUCKET,  # autotune key only
+    KEY_TOKENS,  # autotune key only (tokens bucketed to a power of two)
     BASE_GEMM: tl.constexpr, HAS_BIAS: tl.constexpr, DORA: tl.constexpr, DORA_DROPOUT: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """x, xd: M×K, w: N×K, bias: N, u: M×R, b (lora_b): N×R, c: N (fp32), y, h: M×N.
 
-    y is an input too when not BASE_GEMM (and h when DORA_DROPOUT and not BASE_GEMM).
+    y is an input too when not BASE_GEMM (and h when DORA_DROPOUT and not BASE_GEMM). HAS_BIAS:
+    BASE_GEMM adds b; otherwise y already holds it (DoRA subtracts it to recover x·Wᵀ).
     """
     # Grouped ordering: GROUP_M row-blocks share each column panel of W while it is in L2.
     pid = tl.program_id(0)
@@ -70,38 +73,50 @@ def _lora_linear_fwd_kernel(
                              mask=m_in[:, None] & k_in[None, :], other=0.0)
                 acc_dropped = mma(xd, w, acc_dropped, DOT_FP32, INPUT_PRECISION)
     else:
-        acc = tl.load(y_ptrs, mask=tile_in, other=0.0).to(tl.float32)
+        acc = tl.load(y_ptrs, mask=tile_in, other=0.0).to(tl.float32)  # x·Wᵀ (+ b)
         if DORA_DROPOUT:
             acc_dropped = tl.load(h_ptrs, mask=tile_in, other=0.0).to(tl.float32)
 
-    # Expand epilogue: s·u_tile·B_tileᵀ (rank padded to BLOCK_R with zeros).
     r_in = offs_r < R
     u = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
                 mask=m_in[:, None] & r_in[None, :], other=0.0)
     b_t = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
                   mask=r_in[:, None] & n_in[None, :], other=0.0)
-    lora = mma(u, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
-    lora = lora * scale  # scale arrives as an fp32 scalar
-
-    if DORA:
-        c = tl.load(c_ptr + offs_n, mask=n_in, other=0.0)[None, :]
-        if DORA_DROPOUT:
-            h = acc_dropped + lora
-            out = acc + c * h - acc_dropped
-        else:
-            h = acc + lora
-            out = c * h
-        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=tile_in)
-    else:
-        out = acc + lora
     if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+    # The expand is folded into the accumulators: one dot with acc (u pre-scaled by s in fp32 and
+    # rounded to u's dtype: one extra rounding of s·u, like storing u itself in that dtype).
+    u_s = (u.to(tl.float32) * scale).to(u_ptr.dtype.element_ty)
+    if DORA:
+        # PEFT's form, exact at init: y = base + ((c − 1)·P + c·s·u·Bᵀ) with base = x·Wᵀ + b and
+        # P = xd·Wᵀ (dropout) or x·Wᵀ, evaluated as y = (base + s·u·Bᵀ) + (c − 1)·h with
+        # h = P + s·u·Bᵀ: two fp32 tiles live, and c == 1, B == 0 give y == base bit for bit.
+        c = tl.load(c_ptr + offs_n, mask=n_in, other=0.0)[None, :]
+        if BASE_GEMM:
+            plain = acc
+            base = acc
+            if HAS_BIAS:
+                base += bias
+        else:
+            base = acc  # cuBLAS's x·Wᵀ + b; HAS_BIAS: subtract b to get x·Wᵀ
+            plain = acc
+            if HAS_BIAS:
+                plain = acc - bias
+        if DORA_DROPOUT:
+            plain = acc_dropped
+        h = mma(u_s, b_t, plain, DOT_FP32, INPUT_PRECISION)
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=tile_in)
+        out = mma(u_s, b_t, base, DOT_FP32, INPUT_PRECISION) + (c - 1.0) * h
+    else:
+        out = mma(u_s, b_t, acc, DOT_FP32, INPUT_PRECISION)
+        if HAS_BIAS:
+            out += bias
     tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=tile_in)
 
 
 _lora_linear_fwd_tuned = triton.autotune(
     configs=configs.autotune_configs("linear_fwd"),
-    key=["M_BUCKET", "N", "K", "R", "BASE_GEMM", "HAS_BIAS", "DORA", "DORA_DROPOUT"],
+    key=["KEY_TOKENS", "N", "K", "R", "BASE_GEMM", "HAS_BIAS", "DORA", "DORA_DROPOUT"],
     prune_configs_by={"early_config_prune": configs.prune_by_rank("linear_fwd")},
     # the hybrid path accumulates into y (and h): tuning runs must not compound
     restore_value=["y_ptr", "h_ptr"],
@@ -112,8 +127,9 @@ def lora_linear_fwd(x, weight, bias, u, lora_b, scale: float, y=None, dora_scale
     """The forward GEMM + epilogue. x: M×K, weight: N×K, bias: N or None, u: M×r, lora_b: N×r; any strides.
 
     Fused (y is None): computes x·Wᵀ itself. Hybrid (y given, holding x·Wᵀ, plus b for LoRA):
-    finishes y in place. ``bias`` is added by the kernel whenever it is given (the LoRA hybrid path
-    lets cuBLAS add it and passes None). DoRA: ``dora_scale`` c (N, fp32) and ``h`` (M×N, written;
+    finishes y in place. ``bias``: fused, added by the kernel; hybrid, y already holds it (LoRA
+    passes None; DoRA passes it so the kernel can recover x·Wᵀ = y − b). DoRA: ``dora_scale`` c
+    (N, fp32) and ``h`` (M×N, written;
     for the hybrid path with dropout it must hold xd·Wᵀ on entry); ``x_dropped`` (x ⊙ Z, M×K)
     selects the dropout formula (fused path: used as a GEMM operand).
     """
@@ -142,7 +158,7 @@ def lora_linear_fwd(x, weight, bias, u, lora_b, scale: float, y=None, dora_scale
         BLOCK_R=configs.block_rank(R),
     )
     if configs.use_fixed_config():
-        meta = configs.fixed_config("linear_fwd", flags["BLOCK_R"], x.element_size())
+        meta = configs.fixed_config("linear_fwd", flags["BLOCK_R"], x.element_size(), flags)
         grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
         _lora_linear_fwd_kernel[grid](*args, **flags, **meta)
     else:
