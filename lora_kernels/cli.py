@@ -255,6 +255,20 @@ def main(argv: list[str] | None = None) -> int:
                          help="run the full or quick (Llama-3-8B) preset on CPU anyway, e.g. with --saved-bytes-only")
     p_bench.set_defaults(func=_cmd_bench)
 
+    from .perf.report import add_arguments as inspect_arguments, cli as inspect_cli
+
+    p_inspect = sub.add_parser(
+        "inspect",
+        help="compile-level performance report: compile every launch for sm_90a, read the binaries, model the time",
+        description="Records the launches of the real forward+backward (Triton kernels and aten ops) on meta tensors, "
+                    "compiles each Triton launch for the given targets without a GPU, and reports per binary "
+                    "registers, spills, shared memory, CTAs per SM, MMA kind, TMA use and SASS instructions per "
+                    "element; then a roofline model of fused, hybrid and the eager pattern against the frozen base. "
+                    "Writes report.json and report.md to --out. Every time and ratio is modeled, not measured.",
+    )
+    inspect_arguments(p_inspect)
+    p_inspect.set_defaults(func=inspect_cli)
+
     from .finetune import __doc__ as finetune_doc, build_parser as finetune_parser
 
     p_ft = sub.add_parser(
