@@ -749,19 +749,24 @@ def cpu_timing_table(rows: list[Row], mode: str = "fwdbwd") -> str:
 
 
 def modeled_section(shapes: list[dict]) -> str:
-    """The modeled GPU ratios, from the compile-level performance report (lora_kernels.perf, issue 11).
+    """The modeled GPU ratios, from the compile-level performance report (:mod:`lora_kernels.perf`):
+    every launch of the real LoRA forward+backward compiled for sm_90a, its binary read, and a roofline
+    model of an H200 (docs/performance-model.md). Always at the Llama-3-8B projections, M = 8192,
+    r = 16, bf16, p = 0 and 0.1 (the CPU preset's small shapes would model nothing useful), so
+    ``shapes`` is not used. Its caller labels the section "modeled"; nothing in it was measured."""
+    del shapes
+    from . import perf
+    from ._triton_env import HAS_TRITON
 
-    LEAD: plug ``lora_kernels.perf.modeled_ratios(...)`` and ``lora_kernels.perf.markdown(rows)``
-    in here (this function is the one place; its caller labels the section "modeled"). Until then it
-    says plainly that no modeled figure is available; it never prints a number it did not get."""
+    if not HAS_TRITON:
+        return "No modeled GPU figures: the compile-level report needs Triton (pip install triton)."
     try:
-        from . import perf  # noqa: F401  (provided by another branch)
-    except ImportError:
-        return ("No modeled GPU figures in this build (`lora_kernels.perf` is not installed). "
-                "Nothing here was measured on a GPU.")
-    # LEAD: replace with perf.markdown(perf.modeled_ratios(...)) for `shapes`
-    return ("`lora_kernels.perf` is installed but not yet wired into this report "
-            "(lora_kernels/benchmark.py: modeled_section).")
+        rows = perf.modeled_ratios(kinds=["lora"], targets=["sm_90a"], check_hazards=False)
+    except Exception as exc:  # the report is an addition to the bench: say why it is missing, keep the rest
+        return f"No modeled GPU figures: the compile-level report failed ({type(exc).__name__}: {exc})."
+    return ("Modeled, not measured: H200 roofline of the kernels as compiled here for sm_90a "
+            "(`lora-kernels inspect` for the per-launch details; assumptions in docs/performance-model.md).\n\n"
+            + perf.markdown(rows))
 
 
 def cpu_report(rows: list[Row]) -> str:

@@ -124,13 +124,27 @@ def test_cpu_report_separates_measured_modeled_and_unstable(monkeypatch):
     rows[0].extra.update(stable=True)
     rows[1].extra.update(stable=False)  # noisy: shown as unstable, no ratio, not plotted
     rows[2].extra.update(stable=True)
-    monkeypatch.setitem(sys.modules, "lora_kernels.perf", None)  # no modeled figures in this build
+    from lora_kernels import perf
+
+    modeled = {"projection": "q/o", "M": 8192, "N": 4096, "K": 4096, "r": 16, "p": 0.1, "dtype": "bfloat16",
+               "kind": "lora", "path": "hybrid", "efficiency": "ideal", "ratio_vs_base": 1.234, "launches": 6,
+               "time_us": 700.0, "base_us": 567.0, "modeled": True}
+    monkeypatch.setattr(perf, "modeled_ratios", lambda **kw: [modeled])  # the report itself is tested elsewhere
     report = bm.cpu_report(rows)
     assert "## 1. Validation" in report and "ok 1e-07" in report
     assert "## 2. Bytes saved for backward" in report and "3.0 MiB" in report
     assert "## 3. CPU timings" in report and "not timed" in report
     assert "unstable: 4.000" in report and "| - | 2× |" in report  # unfused/base left out; torch/base 2×
-    assert "## 4. Modeled GPU ratios (modeled, not measured)" in report and "No modeled GPU figures" in report
+    assert "## 4. Modeled GPU ratios (modeled, not measured)" in report and "Modeled, not measured" in report
+    assert "1.23" in report.split("## 4.")[1]
+
+    def broken(**kw):
+        raise RuntimeError("ptxas not found")
+
+    monkeypatch.setattr(perf, "modeled_ratios", broken)  # a failing report is said, the rest is kept
+    report = bm.cpu_report(rows)
+    assert "No modeled GPU figures: the compile-level report failed (RuntimeError: ptxas not found)" in report
+    assert "## 1. Validation" in report
 
 
 def test_cpu_timer_repeats_until_median_and_spread_are_meaningful():
