@@ -50,17 +50,24 @@ def requested_backend(backend: str | None) -> str:
     return backend
 
 
+# Outputs up to this wide take the fused path on CUDA (see choose_triton_path).
+FUSED_MAX_N = 1024
+
+
 def choose_triton_path(m: int, n: int, k: int, r: int, device: torch.device) -> str:
     """Fused or hybrid for one shape (the rule that ``triton`` and ``auto`` use).
 
-    Provisional rule, not yet measured on a GPU: the hybrid path keeps cuBLAS's GEMMs, the
-    frozen-layer floor, and adds only memory-bound LoRA passes; an untuned Triton GEMM is not
-    expected to beat cuBLAS at large shapes. So: hybrid on CUDA, fused under the interpreter.
-    docs/benchmarks.md records the measurements this rule must be revised against.
+    From the compile-level report's model (``lora-kernels inspect``; docs/performance-model.md), at
+    the realistic efficiencies (Triton GEMM 80 %, cuBLAS 95 %) and Llama-3-8B shapes, M = 8192,
+    r = 16: where the output is narrow (k/v, N = 1024) the fused path's one GEMM beats cuBLAS plus
+    the in-place expand pass (modeled 1.56× vs 1.70× the frozen base at p = 0, level at p = 0.1);
+    at N ≥ 4096 (q/o, gate/up, down) cuBLAS's GEMMs win (hybrid 1.13–1.22× vs fused 1.26–1.35×).
+    So: fused for N ≤ FUSED_MAX_N, hybrid above, on CUDA; fused under the interpreter. These are
+    modeled figures: docs/benchmarks.md records the GPU measurements this rule must be revised against.
     """
     if device.type != "cuda":
         return "fused"
-    return "hybrid"
+    return "fused" if n <= FUSED_MAX_N else "hybrid"
 
 
 def resolve_backend(backend: str | None, x: torch.Tensor, n: int, r: int) -> str:
