@@ -135,7 +135,8 @@ def dora_linear(
       otherwise:                    y = c ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b
 
     Args are those of :func:`lora_linear`, plus ``magnitude`` m (N,), any floating dtype (the
-    gradient dm comes back in it; autocast does not cast it). The weight must not require grad.
+    gradient dm comes back in it; autocast does not cast it). A weight that requires grad (a
+    trained base weight, or FSDP(use_orig_params=True)) gets dW in plain torch, n detached as above.
     """
     check_dora_inputs(weight, magnitude)
     x2d, weight, lora_a, lora_b, bias, scale, dropout_p, seed, seed_tensor = _prepare(

@@ -1,0 +1,299 @@
+"""lora_kernels.peft.convert on PEFT models in every state PEFT has: each converted model is compared
+with an unconverted copy of the same PEFT model (PEFT is the oracle), outputs and gradients."""
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lora_kernels as lk
+from lora_kernels.dropout import dropout_mask
+from lora_kernels.peft import convert, unconvert
+
+peft = pytest.importorskip("peft")
+from peft.tuners import lora as peft_lora  # noqa: E402
+
+
+class Net(nn.Module):
+    """Every LoRA layer kind PEFT has, small: Embedding, Linear (with and without bias), Conv2d, MHA."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.lin0 = nn.Linear(16, 24)
+        self.lin1 = nn.Linear(24, 16, bias=False)
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.out = nn.Linear(16, 5)
+
+    def forward(self, ids):
+        h = self.emb(ids)                                   # (B, T, 16)
+        h = self.lin1(torch.relu(self.lin0(h)))
+        h = h + self.conv(h.unsqueeze(1)).mean(1)
+        h = h + self.mha(h, h, h, need_weights=False)[0]
+        return self.out(h)
+
+
+IDS = torch.randint(0, 20, (3, 7), generator=torch.Generator().manual_seed(0))
+
+
+def _peft_model(targets=("emb", "lin0", "lin1"), seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False, **kw)
+    return peft.get_peft_model(Net(), cfg)
+
+
+def _pair(**kw):
+    """(PEFT model, converted deep copy) — same weights, the copy's layers on lora_kernels."""
+    ref = _peft_model(**kw)
+    ours = copy.deepcopy(ref)
+    converted, skipped = convert(ours)
+    assert converted
+    return ref, ours, converted, skipped
+
+
+def _grads(model, ids=IDS):
+    out = model(ids)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return out.detach(), torch.autograd.grad(out.square().mean(), params)
+
+
+def _assert_same(ref, ours, rtol=1e-5, atol=1e-6):
+    y_ref, g_ref = _grads(ref)
+    y, g = _grads(ours)
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    assert len(g) == len(g_ref)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [{}, {"use_dora": True, "target_modules_": ("lin0", "lin1")}, {"lora_bias": True},
+                                {"use_rslora": True}], ids=["lora", "dora", "lora_bias", "rslora"])
+def test_converted_layers_equal_peft(kw):
+    kw = dict(kw)
+    targets = kw.pop("target_modules_", ("emb", "lin0", "lin1") if not kw.get("lora_bias") else ("lin0", "out"))
+    ref, ours, converted, skipped = _pair(targets=targets, **kw)
+    assert sorted(converted) == sorted(f"base_model.model.{t}" for t in targets)
+    assert not skipped
+    kinds = {type(m) for m in ours.modules() if isinstance(m, peft_lora.LoraLayer)}
+    assert kinds <= {lk.peft.layers.Linear, lk.peft.layers.Embedding}
+    _assert_same(ref, ours)
+
+
+def test_every_other_lora_layer_is_listed_in_skipped_with_its_reason():
+    ref, ours, converted, skipped = _pair(targets=("emb", "lin0", "conv", "mha", "lin1"))
+    assert sorted(converted) == ["base_model.model.emb", "base_model.model.lin0", "base_model.model.lin1"]
+    assert set(skipped) == {"base_model.model.conv", "base_model.model.mha", "base_model.model.mha.base_layer.out_proj"}
+    assert "Conv2d" in skipped["base_model.model.conv"] and "unfold" in skipped["base_model.model.conv"]
+    assert "MultiheadAttention" in skipped["base_model.model.mha"]
+    _assert_same(ref, ours)
+
+
+def test_target_parameters_layer_is_listed_in_skipped():
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=2, target_modules=[], target_parameters=["lin0.weight"], init_lora_weights=False)
+    model = peft.get_peft_model(Net(), cfg)
+    with pytest.warns(UserWarning, match="none convertible"):
+        converted, skipped = convert(model)
+    assert converted == [] and len(skipped) == 1
+    assert "ParamWrapper" in next(iter(skipped.values()))
+
+
+def test_nothing_to_convert_warns_and_returns_empty():
+    with pytest.warns(UserWarning, match="no PEFT LoRA layer"):
+        assert convert(Net()) == ([], {})
+    torch.manual_seed(0)
+    conv_only = peft.get_peft_model(Net(), peft.LoraConfig(r=2, target_modules=["conv"]))
+    with pytest.warns(UserWarning, match="none convertible"):
+        converted, skipped = convert(conv_only)
+    assert converted == [] and list(skipped) == ["base_model.model.conv"]
+
+
+def test_disable_adapter_on_a_merged_model_gives_the_base_output_as_peft_does():
+    for kw in ({}, {"use_dora": True, "targets": ("lin0", "lin1")}):
+        ref, ours, _, _ = _pair(**kw)
+        base = ref.get_base_model()
+        with ref.disable_adapter():
+            y_base = ref(IDS)
+        adapted = ours(IDS)
+        assert (adapted - y_base).abs().max() > 1e-3  # the adapters change the output
+        for m in (ref, ours):
+            m.merge_adapter()
+        with ours.disable_adapter():
+            torch.testing.assert_close(ours(IDS), y_base, rtol=1e-5, atol=1e-5)
+        with ref.disable_adapter():
+            ref(IDS)
+        # PEFT unmerges on the disabled forward and leaves the layers unmerged afterwards: same state here
+        merged = lambda m: [x.merged for x in m.modules() if isinstance(x, peft_lora.LoraLayer)]  # noqa: E731
+        assert merged(ours) == merged(ref) == [False] * len(merged(ref))
+        torch.testing.assert_close(ours(IDS), adapted, rtol=1e-5, atol=1e-5)
+        del base
+
+
+def test_set_adapter_to_one_some_layers_lack():
+    ref, ours, _, _ = _pair(targets=("emb", "lin0", "lin1"))
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["lin1"], init_lora_weights=False)
+    for m in (ref, ours):
+        torch.manual_seed(5)
+        m.add_adapter("second", cfg)
+    convert(ours)
+    for m in (ref, ours):
+        m.set_adapter("second")
+    _assert_same(ref, ours)
+
+
+def test_several_active_adapters_and_mixed_batches_are_refused_clearly():
+    ref, ours, _, _ = _pair(targets=("lin0",))
+    cfg = peft.LoraConfig(r=2, target_modules=["lin0"], init_lora_weights=False)
+    for m in (ref, ours):
+        m.add_adapter("b", cfg)
+    layer = ours.base_model.model.lin0
+    layer.set_adapter(["default", "b"])
+    with pytest.raises(NotImplementedError, match="several active adapters"):
+        ours(IDS)
+    layer.set_adapter("default")
+    # invalid calls: PEFT's own errors, word for word
+    for m in (ref, ours):
+        m.eval()
+        with pytest.raises(ValueError, match="Length of `adapter_names` should be the same"):
+            m(IDS, adapter_names=["default"])
+    with pytest.raises(NotImplementedError, match=r"mixed-adapter batches \(adapter_names="):
+        ours(IDS, adapter_names=["default", "b", "__base__"])
+    for m in (ref, ours):
+        m.merge_adapter()
+        with pytest.raises(ValueError, match="Cannot pass `adapter_names` when there are merged adapters"):
+            m(IDS, adapter_names=["default", "b", "__base__"])
+
+
+def test_adapter_added_after_convert_that_is_not_supported():
+    ref, ours, _, _ = _pair(targets=("lin0",))
+    cfg = peft.LoraConfig(r=2, target_modules=["lin0"], init_lora_weights="mica")
+    ours.add_adapter("odd", cfg)
+    ours.set_adapter("odd")
+    with pytest.raises(NotImplementedError, match="variant MiCALinearVariant"):
+        ours(IDS)
+    converted, skipped = convert(ours)
+    assert "base_model.model.lin0" in skipped and type(ours.base_model.model.lin0) is peft_lora.Linear
+    ours(IDS)  # PEFT's forward again
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_dora_with_a_trainable_base_weight_matches_peft(p):
+    """FSDP(use_orig_params=True) hands the layer its weight with requires_grad=True; a user may also train it."""
+    ref, ours, _, _ = _pair(targets=("lin0", "lin1"), use_dora=True, lora_dropout=p)
+    for m in (ref, ours):
+        for name, q in m.named_parameters():
+            if name.endswith("base_layer.weight"):
+                q.requires_grad_(True)
+        m.train()
+    if p > 0:  # PEFT side: nn.Dropout replaced by our seeded mask, so both sides drop the same elements
+        for mod in ref.modules():
+            if isinstance(mod, peft_lora.LoraLayer):
+                for name in list(mod.lora_dropout):
+                    mod.lora_dropout[name] = _SeededDropout(p)
+    torch.manual_seed(11)
+    y_ref, g_ref = _grads(ref)
+    torch.manual_seed(11)
+    y, g = _grads(ours)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    names = [n for n, q in ours.named_parameters() if q.requires_grad]
+    assert sum(n.endswith("base_layer.weight") for n in names) == 2
+    for n, a, b in zip(names, g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)
+
+
+class _SeededDropout(nn.Module):
+    """nn.Dropout stand-in drawing its mask like lora_kernels does (seed from torch's generator)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        from lora_kernels.dropout import apply_dropout, draw_seed
+
+        return apply_dropout(x.reshape(-1, x.shape[-1]), draw_seed(), self.p).reshape(x.shape)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_dora_weight_gradient_against_float64(p):
+    """dW of dora_linear (plain torch in the op's backward) against autograd through PEFT's formula, float64."""
+    g = torch.Generator().manual_seed(0)
+    m_, n, k, r, s, seed = 9, 6, 10, 3, 1.7, 1234
+    x = torch.randn(m_, k, generator=g)
+    w = torch.randn(n, k, generator=g)
+    a, b = torch.randn(r, k, generator=g), torch.randn(n, r, generator=g)
+    mag = torch.rand(n, generator=g) + 0.5
+    gy = torch.randn(m_, n, generator=g)
+    w_leaf = w.clone().requires_grad_(True)
+    y = lk.dora_linear(x, w_leaf, a, b, mag, s, dropout_p=p, seed=seed, backend="torch")
+    (dw,) = torch.autograd.grad(y, w_leaf, gy)
+
+    xd64, w64 = x.double(), w.double().requires_grad_(True)
+    if p > 0:
+        xd64 = xd64 * dropout_mask(seed, m_, k, p, dtype=torch.float64, device="cpu")
+    norm = (w64 + s * b.double() @ a.double()).norm(dim=1).detach()
+    c = mag.double() / norm
+    y64 = x.double() @ w64.t() + (c - 1) * (xd64 @ w64.t()) + c * s * (xd64 @ a.double().t() @ b.double().t())
+    (dw64,) = torch.autograd.grad(y64, w64, gy.double())
+    assert (dw.double() - dw64).norm() / dw64.norm() < 1e-5
+
+
+def test_pickle_deepcopy_and_repr_are_peft_s():
+    ref, ours, _, _ = _pair(targets=("emb", "lin0", "lin1"))
+    ours.eval()
+    y = ours(IDS)
+    assert repr(ours).count("lora.Linear(") == repr(ref).count("lora.Linear(") == 2
+    assert repr(ours).count("lora.Embedding(") == 1
+    buf = io.BytesIO()
+    torch.save(ours, buf)
+    buf.seek(0)
+    for other in (torch.load(buf, weights_only=False), copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+        assert type(other.base_model.model.lin0) is lk.peft.layers.Linear
+        torch.testing.assert_close(other(IDS), y, rtol=0, atol=0)
+    unconvert(ours)
+    assert type(ours.base_model.model.lin0) is peft_lora.Linear
+    torch.testing.assert_close(ours(IDS), y, rtol=1e-5, atol=1e-6)
+
+
+def test_tensor_scaling_from_compiled_hotswap_compiles_once():
+    from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+    ref, ours, _, _ = _pair(targets=("lin0", "lin1"))
+    for m in (ref, ours):
+        m.eval()
+        prepare_model_for_compiled_hotswap(m, target_rank=6)
+    assert isinstance(ours.base_model.model.lin0.scaling["default"], torch.Tensor)
+    torch.testing.assert_close(ours(IDS), ref(IDS), rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        compiled(IDS)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for value in (0.5, 3.0):
+                for m in (ref, ours):
+                    for layer in m.modules():
+                        if isinstance(layer, peft_lora.LoraLayer):
+                            layer.scaling["default"].fill_(value)
+                torch.testing.assert_close(compiled(IDS), ref(IDS), rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_convert_twice_is_idempotent_and_training_matches():
+    ref, ours, converted, _ = _pair(targets=("lin0", "lin1"), lora_dropout=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert convert(ours)[0] == converted
+    opt_ref = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.1)
+    opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(3):
+        for m, o in ((ref, opt_ref), (ours, opt)):
+            o.zero_grad()
+            m(IDS).square().mean().backward()
+            o.step()
+    torch.testing.assert_close(ours(IDS), ref(IDS), rtol=1e-5, atol=1e-5)
