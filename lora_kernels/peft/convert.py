@@ -35,7 +35,7 @@ def _kind_reason(module) -> str:
     if name in _NOT_CONVERTED:
         return f"PEFT LoRA {name}: {_NOT_CONVERTED[name]}"
     return (f"PEFT layer class {type(module).__module__}.{type(module).__qualname__}: no lora_kernels forward for it "
-            "(quantized or backend-specific layer), PEFT's forward is kept")
+            "(another tuner's layer, or a quantized or backend-specific base), PEFT's forward is kept")
 
 
 def convert(peft_model: nn.Module) -> tuple[list[str], dict[str, str]]:
