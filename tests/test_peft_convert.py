@@ -244,6 +244,28 @@ def test_dora_weight_gradient_against_float64(p):
     assert (dw.double() - dw64).norm() / dw64.norm() < 1e-5
 
 
+def test_dora_weight_gradient_compiles_with_a_traced_seed():
+    """seed=None under torch.compile is a traced tensor: dW's mask must be regenerated inside an op."""
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(8, 12, generator=g), torch.randn(5, 12, generator=g)
+    a, b, mag = torch.randn(3, 12, generator=g), torch.randn(5, 3, generator=g), torch.rand(5, generator=g) + 0.5
+
+    def step(w_leaf):
+        y = lk.dora_linear(x, w_leaf, a, b, mag, 0.8, dropout_p=0.4, backend="torch")
+        return torch.autograd.grad(y.square().sum(), w_leaf)[0]
+
+    torch.manual_seed(7)
+    eager = step(w.clone().requires_grad_(True))
+    torch._dynamo.reset()
+    torch.manual_seed(7)
+    compiled = torch.compile(lambda w_: lk.dora_linear(x, w_, a, b, mag, 0.8, dropout_p=0.4, backend="torch"),
+                             backend="aot_eager", fullgraph=True)
+    w_leaf = w.clone().requires_grad_(True)
+    (got,) = torch.autograd.grad(compiled(w_leaf).square().sum(), w_leaf)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_pickle_deepcopy_and_repr_are_peft_s():
     ref, ours, _, _ = _pair(targets=("emb", "lin0", "lin1"))
     ours.eval()
