@@ -13,7 +13,7 @@ PEFT's test-suite is not installed with peft; it ships in the source distributio
 
     python bench/peft_suite.py                      # the full selection (~4,900 tests: about an hour
                                                     #  per mode on 2 busy cores)
-    python bench/peft_suite.py --subset ci          # a representative subset (a few minutes)
+    python bench/peft_suite.py --subset ci          # one case per test function (~230 tests, minutes)
     python bench/peft_suite.py -k disable_adapters  # narrow further with pytest's -k
     python bench/peft_suite.py --compare-only       # re-print the table of the last run
 
@@ -62,11 +62,25 @@ SELECTIONS = {
     "test_low_level_api.py": lambda nodeid: True,
 }
 
-# A representative CI subset: every kind of behaviour the converted layers must reproduce (merge,
-# disable, several adapters, DoRA, dtypes, save/load, pickling, hot-swap), on a few model kinds.
-CI_KEYWORDS = ("(test_disable_adapters_with_merging or test_merge_layers or test_forward_float16 or "
-               "test_save_pretrained_pickle or test_only_params_are_updated or test_set_adapter_non_overlapping "
-               "or test_active_adapter or test_forward_output_finite) and (MLP or Conv1D or Embedding)")
+# The CI subset: one case of every test function of these files (the first in the fixed shuffled
+# order), so every behaviour PEFT tests — merge, disable, several adapters, DoRA, dtypes, save/load,
+# pickling, FSDP, hot-swap helpers — is exercised once on a converted model.
+CI_FILES = ["test_custom_models.py", "test_lora_variants.py"]
+
+
+def _shuffled(ids):
+    return sorted(ids, key=lambda t: hashlib.sha1(t.encode()).hexdigest())
+
+
+def one_per_function(ids: list[str]) -> list[str]:
+    seen, out = set(), []
+    for t in _shuffled(ids):
+        fn = t.split("[")[0]
+        if fn not in seen:
+            seen.add(fn)
+            out.append(t)
+    return out
+
 
 # Failures that are refusals by design: features docs/models.md lists as refused, for which the
 # converted layer raises NotImplementedError naming the feature (regular expressions on the message).
@@ -122,7 +136,7 @@ def collect(root: Path, files: list[str], keyword: str | None, out: Path) -> lis
 def run_mode(root: Path, ids: list[str], mode: str, out: Path, timeout: float) -> None:
     """One pytest process over ``ids`` (in a fixed shuffled order, so that a run cut short by the
     timeout still samples every kind of test); results stream to <out>/<mode>.jsonl."""
-    order = sorted(ids, key=lambda t: hashlib.sha1(t.encode()).hexdigest())
+    order = _shuffled(ids)
     idfile = out / f"{mode}_selection.txt"
     idfile.write_text("\n".join(order) + "\n")
     results = out / f"{mode}.jsonl"
@@ -214,11 +228,12 @@ def main(argv=None) -> int:
     keyword = args.keyword
     files = args.files
     if args.subset == "ci":
-        files = ["test_custom_models.py"]
-        keyword = CI_KEYWORDS if keyword is None else f"({CI_KEYWORDS}) and ({keyword})"
+        files = CI_FILES
     ids = collect(root, files, keyword, args.out)
+    if args.subset == "ci":
+        ids = one_per_function(ids)
     if args.limit:  # the first N of the fixed shuffled order: a sample of every kind of test
-        ids = sorted(ids, key=lambda t: hashlib.sha1(t.encode()).hexdigest())[:args.limit]
+        ids = _shuffled(ids)[:args.limit]
     print(f"{len(ids)} tests selected from {', '.join(files)} (peft {args.peft_version})", flush=True)
     for mode in args.modes:
         run_ids = ids

@@ -46,3 +46,10 @@ def test_compare_counts_pass_to_fail_and_separates_documented_refusals(tmp_path,
                                           ("t3", "failed", "NotImplementedError: lora_kernels-converted PEFT "
                                                            "layer: mixed-adapter batches (adapter_names=...)")])
     assert suite.compare(tmp_path) == 0
+
+
+def test_ci_subset_takes_one_case_of_every_function_deterministically():
+    ids = [f"tests/test_x.py::T::test_{f}[case{i}]" for f in ("a", "b", "c") for i in range(5)] + ["tests/t.py::test_d"]
+    picked = suite.one_per_function(ids)
+    assert sorted(p.split("[")[0] for p in picked) == sorted({i.split("[")[0] for i in ids})
+    assert picked == suite.one_per_function(list(reversed(ids)))
