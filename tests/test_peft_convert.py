@@ -16,6 +16,8 @@ from lora_kernels.peft import convert, unconvert
 peft = pytest.importorskip("peft")
 from peft.tuners import lora as peft_lora  # noqa: E402
 
+from lora_kernels.peft import layers as peft_layers  # noqa: E402
+
 
 class Net(nn.Module):
     """Every LoRA layer kind PEFT has, small: Embedding, Linear (with and without bias), Conv2d, MHA."""
@@ -79,7 +81,7 @@ def test_converted_layers_equal_peft(kw):
     assert sorted(converted) == sorted(f"base_model.model.{t}" for t in targets)
     assert not skipped
     kinds = {type(m) for m in ours.modules() if isinstance(m, peft_lora.LoraLayer)}
-    assert kinds <= {lk.peft.layers.Linear, lk.peft.layers.Embedding}
+    assert kinds <= {peft_layers.Linear, peft_layers.Embedding}
     _assert_same(ref, ours)
 
 
@@ -276,7 +278,7 @@ def test_pickle_deepcopy_and_repr_are_peft_s():
     torch.save(ours, buf)
     buf.seek(0)
     for other in (torch.load(buf, weights_only=False), copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
-        assert type(other.base_model.model.lin0) is lk.peft.layers.Linear
+        assert type(other.base_model.model.lin0) is peft_layers.Linear
         torch.testing.assert_close(other(IDS), y, rtol=0, atol=0)
     unconvert(ours)
     assert type(ours.base_model.model.lin0) is peft_lora.Linear

@@ -18,7 +18,6 @@ from __future__ import annotations
 import numbers
 
 import torch
-import torch.nn.functional as F
 from peft.tuners import lora as peft_lora
 from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from peft.tuners.lora.variants import DoraEmbeddingVariant, DoraLinearVariant
