@@ -72,8 +72,8 @@ def _assert_same(ref, ours, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("kw", [{}, {"use_dora": True, "target_modules_": ("lin0", "lin1")}, {"lora_bias": True},
-                                {"use_rslora": True}], ids=["lora", "dora", "lora_bias", "rslora"])
+@pytest.mark.parametrize("kw", [{}, {"use_dora": True}, {"lora_bias": True}, {"use_rslora": True}],
+                         ids=["lora", "dora", "lora_bias", "rslora"])
 def test_converted_layers_equal_peft(kw):
     kw = dict(kw)
     targets = kw.pop("target_modules_", ("emb", "lin0", "lin1") if not kw.get("lora_bias") else ("lin0", "out"))

@@ -23,6 +23,7 @@ from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from peft.tuners.lora.variants import DoraEmbeddingVariant, DoraLinearVariant
 from torch import nn
 
+from ..dora import dora_weight_norm_torch
 from ..functional import dora_linear, lora_linear
 from ..layers import is_conv1d
 
@@ -44,8 +45,6 @@ def _adapter_reason(layer, name: str) -> str | None:
     if variant is not None and not is_dora:
         return f"PEFT LoRA variant {type(variant).__name__} (only plain LoRA and DoRA are converted)"
     if isinstance(layer, peft_lora.Embedding):
-        if is_dora:
-            return "DoRA on an Embedding (PEFT's DoraEmbeddingVariant; not implemented here)"
         if layer.input_fns.get(name) is not None or layer.output_fns.get(name) is not None:
             return "tensor-parallel Embedding (PEFT's input/output hooks)"
         return None
@@ -167,7 +166,12 @@ class Linear(peft_lora.Linear):
 
 class Embedding(peft_lora.Embedding):
     """PEFT's lora.Embedding: base lookup, then the gather of Aᵀ's rows (M × r) and one rank-r
-    expand accumulated into the base output in place of a separate M × dim product and sum."""
+    expand accumulated into the base output in place of a separate M × dim product and sum.
+
+    DoRA (PEFT's DoraEmbeddingVariant): y = c ⊙ (E[ids] + s·Aᵀ[ids]·Bᵀ), c = m / n with n_j the norm,
+    over the vocabulary, of column j of E + s·(B·A)ᵀ — streamed (lora_kernels.dora, never vocab × dim
+    at once), fp32, detached as in PEFT. An embed_scale (Gemma-style embeddings) multiplies the
+    adapter term, not the norm, as in PEFT."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name, result = _peft_preamble(self, x, args, kwargs)
@@ -177,6 +181,10 @@ class Embedding(peft_lora.Embedding):
         a = self.lora_embedding_A[name]  # r × num_embeddings
         b = self.lora_embedding_B[name]  # dim × r
         lora_b, scale = _scale_args(self.scaling[name], b)
+        factor = None
+        if self.lora_variant.get(name) is not None:  # DoRA (other variants are never converted)
+            norm = dora_weight_norm_torch(self.get_base_layer().weight.t(), a, lora_b, scale)
+            factor = self.lora_magnitude_vector[name].weight / norm
         embed_scale = self._get_embed_scale()
         if embed_scale is not None:
             lora_b = lora_b * embed_scale.to(device=lora_b.device, dtype=lora_b.dtype)
@@ -184,6 +192,8 @@ class Embedding(peft_lora.Embedding):
         dim = result.shape[-1]
         out = torch.addmm(result.reshape(-1, dim), gathered.reshape(-1, gathered.shape[-1]).to(result.dtype),
                           lora_b.t().to(result.dtype), alpha=scale)
+        if factor is not None:
+            out = out * factor.to(out.dtype)
         return out.reshape(result.shape)
 
 
