@@ -321,3 +321,28 @@ def test_convert_twice_is_idempotent_and_training_matches():
             m(IDS).square().mean().backward()
             o.step()
     torch.testing.assert_close(ours(IDS), ref(IDS), rtol=1e-5, atol=1e-5)
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """Gemma-style embedding: the lookup times embed_scale (PEFT scales the adapter term by it too)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.embed_scale = 2.5
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embed_scale
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_scaled_embedding_matches_peft(use_dora):
+    def build():
+        torch.manual_seed(0)
+        net = Net()
+        net.emb = _ScaledEmbedding(20, 16)
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["emb"], init_lora_weights=False, use_dora=use_dora)
+        return peft.get_peft_model(net, cfg)
+
+    ref, ours = build(), build()
+    assert convert(ours)[0] == ["base_model.model.emb"]
+    _assert_same(ref, ours)
