@@ -346,3 +346,14 @@ def test_scaled_embedding_matches_peft(use_dora):
     ref, ours = build(), build()
     assert convert(ours)[0] == ["base_model.model.emb"]
     _assert_same(ref, ours)
+
+
+def test_opcheck_dora_with_a_trainable_weight_and_the_dropout_op():
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(6, 10, generator=g), torch.randn(7, 10, generator=g).requires_grad_(True)
+    a, b = torch.randn(3, 10, generator=g).requires_grad_(True), torch.randn(7, 3, generator=g).requires_grad_(True)
+    mag = (torch.rand(7, generator=g) + 0.5).requires_grad_(True)
+    seed = torch.tensor([99], dtype=torch.int64)
+    torch.library.opcheck(torch.ops.lora_kernels.dora_linear_fwd, (x, w, None, a, b, mag, 0.5, 0.2, 0, "torch", seed))
+    torch.library.opcheck(torch.ops.lora_kernels.dropout_apply, (x, 0.2, 0, seed))
+    torch.library.opcheck(torch.ops.lora_kernels.dropout_apply, (x, 0.0, 5))
