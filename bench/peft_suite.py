@@ -42,16 +42,17 @@ DEFAULT_CACHE = Path(os.environ.get("LK_PEFT_SUITE_DIR", Path.home() / ".cache" 
 _INIT_LORA_CLASSES = ("TestLoraInitialization", "TestHotSwapping", "TestScaling", "TestLowCpuMemUsage",
                       "TestWeightTying", "TestLoadPeftKeyMapping", "TestCordaInitialization",
                       "TestEvaInitialization", "TestNamingConflictWarning", "TestLoadAdapterOfflineMode")
-_OTHER_CONFIG = re.compile(r"(?<!Lora)(?<!Bd)[A-Z][A-Za-z0-9]*Config\b")
+_LORA_CONFIG = re.compile(r"[-\[](Bd)?LoraConfig[-\]]")  # not RandLoraConfig, TinyLoraConfig, UniLoraConfig ...
+_ANY_CONFIG = re.compile(r"[A-Za-z0-9]*Config\b")
 
 
 def _custom_models(nodeid: str) -> bool:
     """test_custom_models.py: the cases built with LoraConfig (DoRA is LoraConfig(use_dora=True)), and the
-    non-parametrised tests whose name says lora/dora."""
-    if "LoraConfig" in nodeid or "BdLoraConfig" in nodeid:
+    tests whose name says lora/dora and that are not parametrised with another tuner's config."""
+    if _LORA_CONFIG.search(nodeid):
         return True
     name = nodeid.split("::")[-1].split("[")[0].lower()
-    return ("lora" in name or "dora" in name) and not _OTHER_CONFIG.search(nodeid)
+    return bool(re.search(r"(^|_)(lora|dora)(_|$)", name)) and not _ANY_CONFIG.search(nodeid.split("::")[-1])
 
 
 SELECTIONS = {
@@ -235,7 +236,8 @@ def main(argv=None) -> int:
     if args.limit:  # the first N of the fixed shuffled order: a sample of every kind of test
         ids = _shuffled(ids)[:args.limit]
     print(f"{len(ids)} tests selected from {', '.join(files)} (peft {args.peft_version})", flush=True)
-    for mode in args.modes:
+    modes = sorted(args.modes, key=["converted", "baseline"].index) if args.baseline_only_failing else args.modes
+    for mode in modes:
         run_ids = ids
         if mode == "baseline" and args.baseline_only_failing:
             conv = outcomes(args.out / "converted.jsonl")

@@ -16,7 +16,11 @@ def test_selection_keeps_lora_and_dora_cases_only():
     assert sel(base + "test_merge_layers[Vanilla MLP 9 DoRA-MLP-LoraConfig-config_kwargs8]")
     assert not sel(base + "test_merge_layers[Vanilla MLP 1 IA3-MLP-IA3Config-config_kwargs100]")
     assert not sel(base + "test_merge_layers[Vanilla MLP 1 VBLoRA-MLP-VBLoRAConfig-config_kwargs200]")
+    assert not sel(base + "test_safe_merge[Vanilla MLP 1 RandLora-MLP-RandLoraConfig-config_kwargs228]")
+    assert not sel(base + "test_attributes_parametrized[Vanilla MLP 4 TinyLoRA-MLP-TinyLoraConfig-config_kwargs194]")
+    assert sel(base + "test_attributes_parametrized[BD-LoRA 1-MLP-BdLoraConfig-config_kwargs3]")
     assert sel(base + "test_lora_safe_merge_does_not_mutate_base_layer_on_non_finite_bias[linear]")
+    assert not sel(base + "test_glora_safe_merge_does_not_corrupt_base_layer_on_non_finite_adapter")
     init = suite.SELECTIONS["test_initialization.py"]
     assert init("tests/test_initialization.py::TestHotSwapping::test_hotswap_works[x]")
     assert not init("tests/test_initialization.py::TestVeraInitialization::test_x")
