@@ -93,8 +93,5 @@ def check_dora_inputs(weight, magnitude) -> None:
     if isinstance(weight, torch.Tensor) and weight.dim() == 2 and magnitude.shape[0] != weight.shape[0]:
         raise ValueError(f"magnitude must have shape ({weight.shape[0]},) (one per output row of weight "
                          f"{tuple(weight.shape)}), got {tuple(magnitude.shape)}")
-    if isinstance(weight, torch.Tensor) and weight.requires_grad:
-        raise ValueError("weight must not require grad for DoRA (the frozen weight; DoRA trains the "
-                         "magnitude and the adapters)")
     if isinstance(weight, torch.Tensor) and magnitude.device != weight.device:
         raise ValueError(f"magnitude is on {magnitude.device}, weight on {weight.device}: one device expected")

@@ -166,7 +166,8 @@ def dora_linear(
       otherwise:                    y = c ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b
 
     Args are those of :func:`lora_linear`, plus ``magnitude`` m (N,), any floating dtype (the
-    gradient dm comes back in it; autocast does not cast it). The weight must not require grad.
+    gradient dm comes back in it; autocast does not cast it). A weight that requires grad (a
+    trained base weight, or FSDP(use_orig_params=True)) gets dW in plain torch, n detached as above.
     ``weight`` may be a 4-bit :class:`lora_kernels.quant.QuantizedWeight` (QLoRA).
     """
     if isinstance(weight, QuantizedWeight):  # QLoRA (issue 17)

@@ -205,10 +205,9 @@ def _dora_setup_context(ctx, inputs, output):
 def _dora_backward(ctx, grad_y, _grad_u, _grad_h, _grad_norm):
     x, weight, lora_a, lora_b, magnitude, u, h, norm, seed_tensor = ctx.saved_tensors
     need_x, need_w, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
-    if need_w:
-        raise RuntimeError("dora_linear: the frozen weight requires grad; DoRA trains the magnitude and the "
-                           "adapters only (call weight.requires_grad_(False))")
-    grad_x = grad_a = grad_b = grad_m = grad_bias = None
+    grad_x = grad_a = grad_b = grad_m = grad_bias = grad_w = None
+    if need_w:  # a trained base weight (or FSDP's use_orig_params view): dW in plain torch, n detached
+        grad_w = _dora_grad_weight(grad_y, x, magnitude, norm, ctx.dropout_p, ctx.seed, seed_tensor)
     if need_x or need_a or need_b or need_m:
         dx, da, db, dm = torch.ops.lora_kernels.dora_linear_bwd(
             grad_y, x, weight, lora_a, lora_b, magnitude, u, h, norm, ctx.scale, ctx.dropout_p, ctx.seed,
@@ -218,7 +217,32 @@ def _dora_backward(ctx, grad_y, _grad_u, _grad_h, _grad_norm):
     if need_bias:
         with _autocast_off(grad_y.device):
             grad_bias = grad_y.sum(0)
-    return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None, None, None, None
+    return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_m, None, None, None, None, None
+
+
+@torch.library.custom_op("lora_kernels::dropout_apply", mutates_args=())
+def dropout_apply(x: Tensor, dropout_p: float, seed: int, seed_tensor: Optional[Tensor] = None) -> Tensor:
+    """x ⊙ Z for a 2-D x, Z regenerated from the seed (an op, so a seed tensor is read inside it when traced)."""
+    from .dropout import apply_dropout
+
+    xd = apply_dropout(x, _seed_value(seed, seed_tensor), dropout_p)
+    return xd.clone() if xd is x else xd  # an op's output may not alias its input
+
+
+@dropout_apply.register_fake
+def _(x, dropout_p, seed, seed_tensor=None):
+    return torch.empty_like(x)
+
+
+def _dora_grad_weight(grad_y, x, magnitude, norm, dropout_p, seed, seed_tensor):
+    """dW of y = x·Wᵀ + (c − 1) ⊙ (xd·Wᵀ) + ... (c = m/n, n constant): gᵀ·x + (g ⊙ (c − 1))ᵀ·xd, which is
+    (g ⊙ c)ᵀ·x without dropout. Not fused: training W is off the path the kernels are built for."""
+    with _autocast_off(grad_y.device):
+        c = magnitude.to(norm.dtype) / norm
+        if dropout_p == 0.0:
+            return (grad_y * c).to(grad_y.dtype).t() @ x
+        xd = torch.ops.lora_kernels.dropout_apply(x, dropout_p, seed, seed_tensor)
+        return grad_y.t() @ x + (grad_y * (c - 1.0)).to(grad_y.dtype).t() @ xd
 
 
 dora_linear_fwd.register_autograd(_dora_backward, setup_context=_dora_setup_context)

@@ -412,7 +412,7 @@ def is_peft_linear4bit(module: nn.Module) -> bool:
 
 
 def _peft_unsupported(module) -> str | None:
-    from .peft import _dropout_p
+    from .peft.layers import dropout_p as _dropout_p
 
     if not is_bnb_linear4bit(module.base_layer):
         return f"base layer {type(module.base_layer).__name__} is not a bitsandbytes Linear4bit"
@@ -433,7 +433,7 @@ def _peft_unsupported(module) -> str | None:
 
 
 def _peft_fused_forward(self, x, *args, **kwargs):
-    from .peft import _dropout_p
+    from .peft.layers import dropout_p as _dropout_p
 
     if args or kwargs:
         raise NotImplementedError(f"lora_kernels-converted PEFT layer: extra forward arguments {list(kwargs)} "

@@ -117,8 +117,6 @@ def test_bad_dora_inputs():
     x, w, a, b, mag, bias, _ = _problem(4, 6, 8, 2, f32)
     with pytest.raises(ValueError, match="magnitude must have shape"):
         dora_linear(x, w, a, b, mag[:5], 1.0)
-    with pytest.raises(ValueError, match="weight must not require grad"):
-        dora_linear(x, w.clone().requires_grad_(True), a, b, mag, 1.0)
     with pytest.raises(TypeError, match="magnitude must have a floating dtype"):
         dora_linear(x, w, a, b, mag.to(torch.int64), 1.0)
 
