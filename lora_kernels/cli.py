@@ -173,6 +173,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return f"{text} (default: %(default)s)".strip()
 
 
+def _cmd_bench_multi(args) -> int:
+    if not args.rest or args.rest[0] not in ("-h", "--help"):
+        _use_interpreter_without_gpu(None)  # before the kernels are imported
+    from .multi.bench import main as multi_main
+
+    return multi_main(args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="lora-kernels",
@@ -269,6 +277,18 @@ def main(argv: list[str] | None = None) -> int:
     inspect_arguments(p_inspect)
     p_inspect.set_defaults(func=inspect_cli)
 
+    p_multi = sub.add_parser(
+        "bench-multi",
+        help="several adapters on one base: mixed-adapter batches and several active adapters vs PEFT's loop",
+        description="The multi-adapter benchmark (lora_kernels.multi.bench): 2-64 adapters, uniform or skewed rows, "
+                    "decode- or prefill-sized batches; PEFT's per-adapter loop, merging one adapter at a time, the "
+                    "torch path and the kernels, each validated against the float64 oracle before timing. Every "
+                    "argument after bench-multi goes to it: lora-kernels bench-multi --help lists them.",
+        add_help=False,
+    )
+    p_multi.add_argument("rest", nargs=argparse.REMAINDER)
+    p_multi.set_defaults(func=_cmd_bench_multi)
+
     from .finetune import __doc__ as finetune_doc, build_parser as finetune_parser
 
     p_ft = sub.add_parser(
@@ -279,8 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     finetune_parser(p_ft)
     p_ft.set_defaults(func=_cmd_finetune)
 
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["bench-multi"]:  # its own parser reads every argument after the subcommand
+        return _cmd_bench_multi(argparse.Namespace(rest=raw[1:]))
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.argv = raw
     return args.func(args)
 
 

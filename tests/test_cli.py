@@ -104,3 +104,15 @@ def test_console_script_help(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--quick" in out and "--providers" in out and "say nothing about GPU speed" in out
+
+
+def test_bench_multi_subcommand_validates_and_writes_rows(tmp_path, capsys):
+    from lora_kernels.cli import main
+
+    out = tmp_path / "multi.json"
+    assert main(["bench-multi", "--preset", "tiny", "--adapters", "2", "--reps", "1", "--threads", "1",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert rows and {r["n_adapters"] for r in rows} == {2}  # --adapters filtered the preset
+    assert {"base", "peft_loop", "merge_each", "multi_torch"} <= {r["provider"] for r in rows}
+    assert "CPU timings" in capsys.readouterr().out
