@@ -87,7 +87,6 @@ def one_per_function(ids: list[str]) -> list[str]:
 # converted layer raises NotImplementedError naming the feature (regular expressions on the message).
 DOCUMENTED_REFUSALS = (
     r"NotImplementedError: lora_kernels-converted PEFT layer: several active adapters at once",
-    r"NotImplementedError: lora_kernels-converted PEFT layer: mixed-adapter batches \(adapter_names=",
 )
 
 

@@ -148,8 +148,8 @@ def test_set_adapter_to_one_some_layers_lack():
 
 
 def test_several_active_adapters_and_mixed_batches_equal_peft():
-    ref, ours, _, _ = _pair(targets=("lin0",))
-    cfg = peft.LoraConfig(r=2, target_modules=["lin0"], init_lora_weights=False)
+    ref, ours, _, _ = _pair(targets=("emb", "lin0"))
+    cfg = peft.LoraConfig(r=2, target_modules=["emb", "lin0"], init_lora_weights=False)
     for m in (ref, ours):
         torch.manual_seed(3)
         m.add_adapter("b", cfg)
@@ -160,7 +160,7 @@ def test_several_active_adapters_and_mixed_batches_equal_peft():
     torch.testing.assert_close(ours(IDS), ref(IDS), rtol=1e-5, atol=1e-6)
     for m in (ref, ours):
         m.base_model.model.lin0.set_adapter("default")
-    names = ["default", "b", "__base__"]  # one per row: lora_kernels.multi, equal to PEFT's loop
+    names = ["default", "b", "__base__"]  # one per row (lin0: lora_kernels.multi; emb: PEFT's lookup)
     torch.testing.assert_close(ours(IDS, adapter_names=names), ref(IDS, adapter_names=names), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(ours(IDS, adapter_names=names), ours(IDS))
     # invalid calls: PEFT's own errors, word for word

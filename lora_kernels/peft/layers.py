@@ -9,7 +9,8 @@ Forward, in PEFT's order of precedence (peft/tuners/lora/layer.py, ``Linear.forw
 1. PEFT's own argument checks (``_check_forward_args``: its ValueErrors for bad ``adapter_names``);
 2. adapters disabled: a merged layer is unmerged first (as PEFT does), then the base layer;
 3. ``adapter_names=`` mixed batches: Linear layers run them on lora_kernels.multi (one segmented
-   shrink and expand per layer); Embedding layers: NotImplementedError;
+   shrink and expand per layer); Embedding layers run PEFT's own mixed-batch lookup (gathers per
+   adapter: there is no product to fuse);
 4. merged: the base layer (the adapter is in its weight);
 5. the active adapters this layer has (others are skipped, as PEFT does): none → the base layer;
    one → our kernels; several → lora_kernels.multi for Linear layers (PEFT's sum, in
@@ -129,10 +130,8 @@ def _peft_preamble(layer, x, args, kwargs):
         from ..multi.peft_glue import peft_multi_forward  # mixed batches: one shrink + one expand launch
 
         return None, peft_multi_forward(layer, x, adapter_names)
-    if adapter_names is not None:
-        raise NotImplementedError(
-            "lora_kernels-converted PEFT layer: mixed-adapter batches (adapter_names=...) are not supported yet; "
-            f"{_HOW_TO_UNDO}")
+    if adapter_names is not None:  # an Embedding: PEFT's own mixed-batch lookup (gathers, no product to fuse)
+        return None, peft_lora.Embedding._mixed_batch_forward(layer, x, *args, adapter_names=adapter_names, **kwargs)
     if layer.merged:
         return None, layer.base_layer(x, *args, **kwargs)
     adapters = layer.lora_embedding_A if isinstance(layer, peft_lora.Embedding) else layer.lora_A
