@@ -48,7 +48,7 @@ def test_compare_counts_pass_to_fail_and_separates_documented_refusals(tmp_path,
 
     _write(tmp_path / "converted.jsonl", [("t1", "passed", ""), ("t2", "passed", ""), ("t4", "failed", "boom"),
                                           ("t3", "failed", "NotImplementedError: lora_kernels-converted PEFT "
-                                                           "layer: mixed-adapter batches (adapter_names=...)")])
+                                                           "layer: several active adapters at once (['a', 'b'])")])
     assert suite.compare(tmp_path) == 0
 
 
