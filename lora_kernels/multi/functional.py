@@ -209,25 +209,30 @@ def _seed_words(seeds, n, device) -> torch.Tensor:
     return torch.tensor(words, dtype=torch.int32, device=device).reshape(n, 2)
 
 
+def _stack_and_plan(x2d, weight, adapters, row_adapter, active, owner, weight_param):
+    """The stacked adapters (cached on ``owner`` when given) and the row plan of the kernels."""
+    from ..kernels.multi_shrink import multi_block_m
+
+    if owner is not None:
+        stack = cached_stack(owner, adapters, weight, x2d.dtype, weight_param)
+    else:
+        stack = build_stack(adapters, weight, x2d.dtype)
+    block_m = multi_block_m()
+    if active is not None:
+        return stack, active_adapters_plan(x2d.shape[0], active, block_m, x2d.device)
+    return stack, mixed_batch_plan(row_adapter, len(adapters), block_m)
+
+
 def _triton_path(x2d, weight, bias, adapters, row_adapter, active, dropout_on, seeds, owner, weight_param):
     from ..kernels.multi_expand import lora_multi_expand_fwd
-    from ..kernels.multi_shrink import lora_multi_shrink_fwd, multi_block_m
+    from ..kernels.multi_shrink import lora_multi_shrink_fwd
 
     with torch.no_grad():
         y = F.linear(x2d, weight, bias)
         if not adapters or (active is not None and not active) or x2d.shape[0] == 0:
             return y  # nothing to add (and no zero-sized grid to launch)
-        if owner is not None:
-            stack = cached_stack(owner, adapters, weight, x2d.dtype, weight_param)
-        else:
-            stack = build_stack(adapters, weight, x2d.dtype)
-        block_m = multi_block_m()
-        if active is not None:
-            plan = active_adapters_plan(x2d.shape[0], active, block_m, x2d.device)
-            used_dora = any(stack.use_dora[i] for i in active)
-        else:
-            plan = mixed_batch_plan(row_adapter, len(adapters), block_m)
-            used_dora = any(stack.use_dora)
+        stack, plan = _stack_and_plan(x2d, weight, adapters, row_adapter, active, owner, weight_param)
+        used_dora = any(stack.use_dora[i] for i in active) if active is not None else any(stack.use_dora)
         seed_t = _seed_words(seeds, len(adapters), x2d.device)
         u = lora_multi_shrink_fwd(x2d, stack.a, plan, stack.ranks, seed_t, stack.threshold, stack.keep_scale,
                                   has_dropout=dropout_on)
@@ -290,18 +295,8 @@ class _MultiLoraKernelFn(torch.autograd.Function):
 
 
 def _triton_train(x2d, weight, bias, adapters, row_adapter, active, dropout_on, seeds, owner, weight_param):
-    from ..kernels.multi_shrink import multi_block_m
-
     bs = [a.lora_b() for a in adapters]
-    if owner is not None:
-        stack = cached_stack(owner, adapters, weight, x2d.dtype, weight_param)
-    else:
-        stack = build_stack(adapters, weight, x2d.dtype)
-    block_m = multi_block_m()
-    if active is not None:
-        plan = active_adapters_plan(x2d.shape[0], active, block_m, x2d.device)
-    else:
-        plan = mixed_batch_plan(row_adapter, len(adapters), block_m)
+    stack, plan = _stack_and_plan(x2d, weight, adapters, row_adapter, active, owner, weight_param)
     seed_t = _seed_words(seeds, len(adapters), x2d.device)
     a_in = [a.lora_a.to(x2d.dtype) for a in adapters]
     b_in = [b.to(x2d.dtype) for b in bs]

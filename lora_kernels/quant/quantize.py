@@ -19,7 +19,6 @@ dequantisation of them is exact.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -34,9 +33,9 @@ def _bounds(code: torch.Tensor):
     return (sorted_code[:-1] + sorted_code[1:]) / 2, order
 
 
-def quantize_codes(weight: torch.Tensor, quant_type: str, blocksize: int):
-    """(packed uint8 (ceil(n/2), 1), absmax fp32 (blocks,)) of ``weight`` flattened."""
-    flat = weight.detach().reshape(-1).float()
+def _scale_blocks(flat: torch.Tensor, blocksize: int):
+    """(values scaled into [-1, 1] by their block's max |.|, fp32 absmax per block) of a flat fp32
+    tensor, blocks running over it in order, the last one possibly short (as bitsandbytes does)."""
     n = flat.numel()
     rem = n % blocksize
     full = n - rem
@@ -47,6 +46,13 @@ def quantize_codes(weight: torch.Tensor, quant_type: str, blocksize: int):
         tail_max = flat[full:].abs().max().clamp(min=1e-38)
         absmax = torch.cat([absmax, tail_max.unsqueeze(0)])
         scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
+    return scaled, absmax
+
+
+def quantize_codes(weight: torch.Tensor, quant_type: str, blocksize: int):
+    """(packed uint8 (ceil(n/2), 1), absmax fp32 (blocks,)) of ``weight`` flattened."""
+    flat = weight.detach().reshape(-1).float()
+    scaled, absmax = _scale_blocks(flat, blocksize)
     if scaled.numel() % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))
     bounds, order = _bounds(code_table(quant_type, device=flat.device))
@@ -63,16 +69,7 @@ def quantize_blockwise_8bit(values: torch.Tensor, code: torch.Tensor, blocksize:
     as bitsandbytes' reference (torch) blockwise quantiser: scale each block by its max |.|, then
     bucketise against the midpoints of the code (a value on a midpoint goes to the lower entry)."""
     flat = values.reshape(-1).float()
-    n = flat.numel()
-    rem = n % blocksize
-    full = n - rem
-    body = flat[:full].reshape(full // blocksize, blocksize)
-    absmax = body.abs().amax(dim=-1)
-    scaled = torch.clamp(body * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
-    if rem:
-        tail_max = flat[full:].abs().max().clamp(min=1e-38)
-        absmax = torch.cat([absmax, tail_max.unsqueeze(0)])
-        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
+    scaled, absmax = _scale_blocks(flat, blocksize)
     bounds = (code[:-1] + code[1:]) / 2
     return torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8), absmax
 
