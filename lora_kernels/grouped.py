@@ -126,22 +126,26 @@ def _seed_values(seeds: list[int], seed_tensor: Optional[Tensor]) -> list[int]:
     return values
 
 
-def _member_biases(n: int, biases: list[Tensor], bias_members: list[int]) -> list[Optional[Tensor]]:
+def _bias_indices(n: int, bias_members: int) -> list[int]:
+    return [i for i in range(n) if bias_members >> i & 1]
+
+
+def _member_biases(n: int, biases: list[Tensor], bias_members: int) -> list[Optional[Tensor]]:
     out: list[Optional[Tensor]] = [None] * n
-    for i, b in zip(bias_members, biases):
+    for i, b in zip(_bias_indices(n, bias_members), biases):
         out[i] = b
     return out
 
 
 @torch.library.custom_op("lora_kernels::grouped_lora_fwd", mutates_args=())
 def grouped_lora_fwd(
-    x: Tensor, weights: list[Tensor], biases: list[Tensor], bias_members: list[int], lora_as: list[Tensor],
+    x: Tensor, weights: list[Tensor], biases: list[Tensor], bias_members: int, lora_as: list[Tensor],
     lora_bs: list[Tensor], scales: list[float], dropout_p: float, seeds: list[int], impl: str,
     seed_tensor: Optional[Tensor],
 ) -> tuple[list[Tensor], Tensor]:
     """([y_i], u) for a 2-D x; u = [u_1 | u_2 | ...] (M × Σr). ``biases`` are the members' that have
-    one, ``bias_members`` their member indices (a list with Nones would get no gradient through
-    torch.library's autograd). ``impl``: 'torch', or the members' Triton paths joined by commas
+    one, ``bias_members`` a bit mask of their member indices (a list with Nones would get no
+    gradient through torch.library's autograd). ``impl``: 'torch', or the members' Triton paths joined by commas
     (e.g. 'fused,hybrid,hybrid'). ``seed_tensor`` (n int64 values, or None) overrides ``seeds``; it has
     no default because the dispatcher drops default-valued arguments, which breaks torch.library's
     autograd wrapper for ops with tensor-list arguments (torch 2.13)."""
@@ -190,7 +194,7 @@ def _setup_context(ctx, inputs, output):
     ctx.n, ctx.scales, ctx.dropout_p, ctx.seeds, ctx.impl = n, list(scales), dropout_p, list(seeds), impl
     # needs_input_grad holds one bool per list argument: record which members' tensors need theirs
     ctx.need = {name: [t.requires_grad for t in ts] for name, ts in (("bias", biases), ("a", lora_as), ("b", lora_bs))}
-    ctx.bias_members = list(bias_members)
+    ctx.bias_members = _bias_indices(n, bias_members)
 
 
 def _backward(ctx, grad_ys, _grad_u):
@@ -298,8 +302,8 @@ def grouped_lora(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seeds,
             raise ValueError(f"the Triton grouped kernels take at most {MAX_MEMBERS} members, got {n}; "
                              "use backend='torch' or split the group")
         impl = ",".join(impls)
-    bias_members = [i for i, b in enumerate(bs) if b is not None]
-    ys, _ = torch.ops.lora_kernels.grouped_lora_fwd(x2d, ws, [bs[i] for i in bias_members], bias_members, a_s, b_s,
+    bias_members = sum(1 << i for i, b in enumerate(bs) if b is not None)
+    ys, _ = torch.ops.lora_kernels.grouped_lora_fwd(x2d, ws, [b for b in bs if b is not None], bias_members, a_s, b_s,
                                                     ss, dropout_p, seed_ints, impl, seed_tensor)
     return [y.reshape(*x.shape[:-1], w.shape[0]) for y, w in zip(ys, ws)]
 
