@@ -328,3 +328,23 @@ def test_torch_compile_with_the_kernel_path():
         results.append([loss.detach()] + list(torch.autograd.grad(loss, flat(xl, bl, al, bbl))))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_modeled_saving_of_llama3_8b_groups():
+    """lora_kernels.perf.groups_model: grouping reads x twice instead of 2n times, drops the autograd
+    dx adds and saves bytes and (modeled) time; every figure is labelled modeled."""
+    from lora_kernels.perf.groups_model import grouped, markdown, modeled_saving, ungrouped
+
+    rows = modeled_saving()
+    assert {(r["group"], r["p"]) for r in rows} == {(g, p) for g in ("q/k/v", "gate/up") for p in (0.0, 0.1)}
+    for r in rows:
+        n = len(r["N"])
+        assert r["modeled"] and r["x_reads"] == (2 * n, 2)
+        assert r["grouped_launches"] == r["ungrouped_launches"] - 2 * (n - 1) - (n - 1)
+        # at least the x re-reads (n − 1 in each direction) and one M×K add per extra member
+        m_k_bytes = r["M"] * r["K"] * 2
+        assert r["saved_bytes"] >= (2 * (n - 1) + 3 * (n - 1)) * m_k_bytes * 0.99
+        assert 0 < r["ratio"] < 1
+    assert "| q/k/v (4096 → 4096/1024/1024) | 0.1 | 6 → 2 |" in markdown(rows)
+    a, b = ungrouped(128, 64, (32, 16), 4, 0.0), grouped(128, 64, (32, 16), 4, 0.0)
+    assert b.bytes < a.bytes and len(b.launches) == len(a.launches) - 3

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 
-from . import roofline
+from . import groups_model, roofline
 from .hardware import GPUS
 
 # Llama-3-8B projections: name -> (K = in_features, N = out_features)
@@ -186,6 +186,7 @@ def run(projections=None, tokens=None, ranks=None, dropouts=None, dtypes=None, k
         triton=_triton_version(), gpu=hw.as_dict(), targets=targets, model_target=model_target,
         all_candidates=all_candidates, efficiencies=roofline.EFFICIENCIES,
         binaries=binaries, launches=launches_out, rows=rows, recompiles=hazard_rows,
+        projection_groups=groups_model.modeled_saving(M=tokens[0], r=ranks[0], dropouts=dropouts, gpu=hw),
         summary=dict(summarize(binaries, rows, hazard_rows), capture_devices=capture_devices(launches_out)),
     )
 
@@ -429,6 +430,9 @@ def report_markdown(report: dict) -> str:
         "", "## Modeled fwd+bwd time / frozen base (cuBLAS x·Wᵀ + g·W)", "", ratio_matrix(report["rows"]),
         "", "## Binaries", "", binaries_markdown(report["binaries"]), "",
     ]
+    if report.get("projection_groups"):  # lora_kernels.perf.groups_model
+        out += ["## Shared-input projection groups, grouped vs ungrouped (modeled, Llama-3-8B)", "",
+                groups_model.markdown(report["projection_groups"]), ""]
     first = report["rows"][0] if report["rows"] else None
     if first:
         p = max(r["p"] for r in report["rows"])
