@@ -166,7 +166,7 @@ def lora_group_grad_bwd(x: torch.Tensor, v: torch.Tensor, lora_as: list[torch.Te
     a_args, da_args = member_args(lora_as), member_args(grads)
     has_dropout = dropout_p > 0.0
     block_r = configs.block_rank(max(ranks))
-    meta = group_config("group_grad", block_r, x.element_size())
+    meta = group_config("group_grad", block_r, x.element_size(), len(lora_as))
     compute_dx = dx is not None
     k_blocks = triton.cdiv(K, meta["BLOCK_K"])
     grid = (k_blocks + (triton.cdiv(M, meta["BLOCK_M"]) * k_blocks if compute_dx else 0),)

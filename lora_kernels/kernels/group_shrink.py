@@ -107,14 +107,27 @@ _GPU_TABLE = {
     ("group_grad", False): {16: (64, 64, 4), 32: (64, 64, 8), 64: (32, 64, 8), 128: (32, 32, 8), 256: (16, 32, 8)},
     ("group_grad", True): {16: (32, 32, 4), 32: (32, 32, 8), 64: (16, 32, 8), 128: (16, 16, 8), 256: (16, 16, 8)},
 }
+# (kind, fp32?, padded rank, members) -> config, where the table's spilled in that review: more
+# members hold more fp32 accumulators (and, with dropout, more keep-bit tiles) per thread.
+_GPU_OVERRIDES = {
+    ("group_grad", False, 16, 4): (64, 64, 8),
+    ("group_shrink", False, 256, 3): (16, 64, 8),
+    ("group_shrink", False, 256, 4): (16, 32, 8),
+    ("group_shrink", True, 16, 4): (32, 32, 4),
+    ("group_shrink", True, 64, 4): (16, 32, 8),
+}
+# Known left: fp32 operands at padded rank 256 with 4 members spill in every config tried (16×16 on
+# 8 warps: shrink 48-180 B, dA/dx 5.6 KB; on 4 warps worse) — FMA dots replicate their operands.
 assert all(bk % GROUP == 0 for t in _GPU_TABLE.values() for _, bk, _ in t.values())
+assert all(bk % GROUP == 0 for _, bk, _ in _GPU_OVERRIDES.values())
 
 
-def group_config(kind: str, block_r: int, elem_bytes: int) -> dict:
-    """Meta-parameters of the grouped kernels (interpreter: fixed blocks; GPU: the table above)."""
+def group_config(kind: str, block_r: int, elem_bytes: int, members: int = 3) -> dict:
+    """Meta-parameters of the grouped kernels (interpreter: fixed blocks; GPU: the tables above)."""
     if configs.is_interpreter():
         return dict(INTERPRETER_CONFIG[kind])
-    bm, bk, warps = _GPU_TABLE[(kind, elem_bytes >= 4)][block_r]
+    fp32 = elem_bytes >= 4
+    bm, bk, warps = _GPU_OVERRIDES.get((kind, fp32, block_r, members), _GPU_TABLE[(kind, fp32)][block_r])
     return dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=3)
 
 
@@ -156,7 +169,7 @@ def lora_group_shrink_fwd(x: torch.Tensor, lora_as: list[torch.Tensor], seeds: l
     a_args = member_args(lora_as)
     has_dropout = dropout_p > 0.0
     block_r = configs.block_rank(max(ranks))
-    meta = group_config("group_shrink", block_r, x.element_size())
+    meta = group_config("group_shrink", block_r, x.element_size(), len(lora_as))
     LAUNCHES["group_shrink"] += 1
     _lora_group_shrink_kernel[(triton.cdiv(M, meta["BLOCK_M"]),)](
         x, *a_args, u,
