@@ -32,7 +32,7 @@ from torch import Tensor
 
 from . import functions  # noqa: F401  (registers the single-layer ops; shares their helpers)
 from ._validation import check_dropout, check_lora_inputs, check_scale, check_tensor
-from .backends import resolve_backend
+from .backends import requested_backend, resolve_backend
 from .dropout import dropout_mask
 from .functional import _autocast, _seed_arguments
 from .functions import _autocast_off, refuse_forward_ad
@@ -254,7 +254,8 @@ def grouped_lora(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seeds,
             integer tensor, or None (drawn from torch's CPU generator, in member order, only if p > 0).
         backend: as ``lora_linear``'s (lora_kernels.backends); an explicit Triton backend where it
             cannot run is an error. Under 'auto', a member that would use the torch backend (a rank
-            above 256, float64, a CPU tensor) puts the whole group on the torch backend.
+            above 256, float64, a CPU tensor), or more than 4 members, put the whole group on the
+            torch backend.
 
     Returns:
         [y_i of shape (..., N_i)], each equal (outputs and gradients) to
@@ -295,12 +296,12 @@ def grouped_lora(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seeds,
     rows = math.prod(x.shape[:-1])
     x2d = x.reshape(rows, x.shape[-1])
     impls = [resolve_backend(backend, x2d, w.shape[0], a.shape[0]) for w, a in zip(ws, a_s)]
-    if "torch" in impls:
+    if "torch" in impls or (n > MAX_MEMBERS and requested_backend(backend) == "auto"):
         impl = "torch"
     else:
         if n > MAX_MEMBERS:
             raise ValueError(f"the Triton grouped kernels take at most {MAX_MEMBERS} members, got {n}; "
-                             "use backend='torch' or split the group")
+                             "use backend='torch' or 'auto', or split the group")
         impl = ",".join(impls)
     bias_members = sum(1 << i for i, b in enumerate(bs) if b is not None)
     ys, _ = torch.ops.lora_kernels.grouped_lora_fwd(x2d, ws, [b for b in bs if b is not None], bias_members, a_s, b_s,

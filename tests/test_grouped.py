@@ -348,3 +348,20 @@ def test_modeled_saving_of_llama3_8b_groups():
     assert "| q/k/v (4096 → 4096/1024/1024) | 0.1 | 6 → 2 |" in markdown(rows)
     a, b = ungrouped(128, 64, (32, 16), 4, 0.0), grouped(128, 64, (32, 16), 4, 0.0)
     assert b.bytes < a.bytes and len(b.launches) == len(a.launches) - 3
+
+
+@needs_triton
+def test_kernel_path_with_transposed_x_and_no_rows(nan_empty):
+    """x with K-major storage (strides (1, M)) and an empty batch both go through the kernels."""
+    inputs = make_group(40, (24, 8), (3, 5), torch.float32, (True, False), device=KERNEL_DEVICE, lead=(29,))
+    x = inputs[0]
+    xt = x.t().contiguous().t()
+    assert xt.stride() == (1, 29)
+    ys, grads = run_grouped((xt,) + inputs[1:], [1.0, 2.0], 0.2, [4, 5], "triton")
+    ys_ref, grads_ref = run_separate(inputs, [1.0, 2.0], 0.2, [4, 5], "triton", ref=True)
+    assert_close(ys, ys_ref, TOLERANCES[torch.float32], "y")
+    assert_close(grads, grads_ref, TOLERANCES[torch.float32], "grad")
+    empty = make_group(40, (24, 8), (3, 5), torch.float32, (True, False), device=KERNEL_DEVICE, lead=(0,))
+    ys, grads = run_grouped(empty, [1.0, 2.0], 0.2, [4, 5], "triton")
+    assert [tuple(y.shape) for y in ys] == [(0, 24), (0, 8)]
+    assert all(not torch.isnan(g).any() and (g.numel() == 0 or g.abs().sum() == 0) for g in grads)
