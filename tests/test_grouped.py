@@ -365,3 +365,21 @@ def test_kernel_path_with_transposed_x_and_no_rows(nan_empty):
     ys, grads = run_grouped(empty, [1.0, 2.0], 0.2, [4, 5], "triton")
     assert [tuple(y.shape) for y in ys] == [(0, 24), (0, 8)]
     assert all(not torch.isnan(g).any() and (g.numel() == 0 or g.abs().sum() == 0) for g in grads)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("fused,hybrid", marks=needs_triton)])
+def test_custom_op_passes_opcheck(impl):
+    dev = "cpu" if impl == "torch" else KERNEL_DEVICE
+    g = torch.Generator().manual_seed(3)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dev)
+
+    x = rnd(20, 32).requires_grad_(True)
+    ws = [rnd(8, 32), rnd(4, 32)]
+    bs = [rnd(8).requires_grad_(True)]
+    a_s = [rnd(2, 32).requires_grad_(True), rnd(3, 32).requires_grad_(True)]
+    b_s = [rnd(8, 2).requires_grad_(True), rnd(4, 3).requires_grad_(True)]
+    result = torch.library.opcheck(torch.ops.lora_kernels.grouped_lora_fwd.default,
+                                   (x, ws, bs, 0b01, a_s, b_s, [1.0, 2.0], 0.2, [3, 4], impl, None))
+    assert set(result.values()) == {"SUCCESS"}, result
