@@ -146,8 +146,10 @@ def markdown(rows: list[dict]) -> str:
 
 # -- compile-only review of the grouped kernels -------------------------------------------------------
 
-def capture_group_kernels(M=8192, K=4096, ranks=(16, 16, 16), p=0.1, dtype="bfloat16", target_programs=264):
-    """Record the grouped shrink and grouped dA/dx launches for one group (fake CUDA tensors)."""
+def capture_group_kernels(M=8192, K=4096, ranks=(16, 16, 16), p=0.1, dtype="bfloat16", target_programs=264,
+                          device="auto"):
+    """Record the grouped shrink and grouped dA/dx launches for one group: on fake CUDA tensors, or
+    (``device='meta'``, and 'auto' where torch's fake CUDA needs a driver, e.g. torch 2.11) meta tensors."""
     import contextlib
     import warnings
 
@@ -156,13 +158,20 @@ def capture_group_kernels(M=8192, K=4096, ranks=(16, 16, 16), p=0.1, dtype="bflo
 
     from .capture import _modeled_cuda, recording
 
+    if device == "auto":
+        try:
+            return capture_group_kernels(M, K, ranks, p, dtype, target_programs, "cuda-fake")
+        except RuntimeError:
+            return capture_group_kernels(M, K, ranks, p, dtype, target_programs, "meta")
+    fake = device == "cuda-fake"
     dt = getattr(torch, dtype)
-    with _modeled_cuda(target_programs // 2, 90), FakeTensorMode(), warnings.catch_warnings():
+    env = (_modeled_cuda(target_programs // 2, 90), FakeTensorMode()) if fake else (contextlib.nullcontext(),) * 2
+    with env[0], env[1], warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
         from ..kernels.group_grad import lora_group_grad_bwd
         from ..kernels.group_shrink import lora_group_shrink_fwd
 
-        kw = dict(device="cuda", dtype=dt)
+        kw = dict(device="cuda" if fake else "meta", dtype=dt)
         x = torch.empty(M, K, **kw)
         a_s = [torch.empty(r, K, **kw) for r in ranks]
         v = torch.empty(M, sum(ranks), **kw)
