@@ -383,3 +383,27 @@ def test_custom_op_passes_opcheck(impl):
     result = torch.library.opcheck(torch.ops.lora_kernels.grouped_lora_fwd.default,
                                    (x, ws, bs, 0b01, a_s, b_s, [1.0, 2.0], 0.2, [3, 4], impl, None))
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+@needs_triton
+def test_default_configs_compile_for_sm90a_without_spills():
+    """Compile only (no GPU; a clean process without the interpreter): the q/k/v group's grouped
+    kernels at r = 16, bf16, p in {0, 0.1} use wgmma, do not spill, and the mask costs at most 12
+    SASS instructions per element per member in the shrink loop."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json; from lora_kernels.perf.groups_model import compile_review; "
+            "print(json.dumps(compile_review(members=(3,), ranks=(16,), dropouts=(0.0, 0.1), dtypes=('bfloat16',))))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(rows) == 4
+    assert all(r["spill_bytes"] == 0 and r["stl"] == 0 and r["mma"] == "wgmma" for r in rows), rows
+    shrink = {r["p"]: r for r in rows if "shrink" in r["kernel"]}
+    extra = (shrink[0.1]["sass_per_element"] - shrink[0.0]["sass_per_element"]) / 3
+    assert 0 < extra <= 12, extra
