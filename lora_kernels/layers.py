@@ -452,6 +452,11 @@ class LoRALinear(_AdapterHost):
         return self._dora_norm(self.active)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.__dict__.get("_lk_group")  # a shared-input projection group (lora_kernels.groups)
+        if group is not None and not _compiling():
+            y = group[0].output(group[1], x)
+            if y is not None:
+                return y
         with self._reading():
             return self._forward(x)
 
