@@ -43,6 +43,7 @@ in order on one tensor (:data:`KNOWN_PARENTS`), where this never happens.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import warnings
 
@@ -95,6 +96,7 @@ class _GroupedLoRAFunction(torch.autograd.Function):
         for i in range(n):
             y = torch.addmm(bs[i], x, ws[i].t()) if bs[i] is not None else torch.mm(x, ws[i].t())
             ys.append(y.addmm_(us[i], b_s[i].t(), alpha=scales[i]))
+        ctx.set_materialize_grads(False)  # an output nobody used: None, so its A/B get no gradient (as ungrouped)
         ctx.save_for_backward(x, *ws, *a_s, *b_s, *us)
         ctx.meta = (n, dropout_p, seeds, scales, [b is not None and b.requires_grad for b in bs])
         return tuple(ys)
@@ -287,9 +289,9 @@ class ProjectionGroup:
     def begin(self) -> None:
         self._live[threading.get_ident()] = _Session()
 
-    def end(self) -> None:
+    def end(self, failed: bool = False) -> None:
         s = self._live.pop(threading.get_ident(), None)
-        if s is not None and s.cache is not None:
+        if s is not None and s.cache is not None and not failed:
             unused = [self.names[i] for i in range(s.cache[3], len(self.members))]
             self._stop(f"{unused} were computed by the group but never called in the parent's forward")
 
@@ -406,8 +408,9 @@ def _begin(module, args):
 def _end(module, args, output):
     if _compiling():
         return
+    failed = sys.exc_info()[0] is not None  # called by torch while the forward's exception propagates
     for g in module.__dict__.get(_PARENT_ATTR, ()):
-        g.end()
+        g.end(failed)
 
 
 def _attach(parent: nn.Module, group: ProjectionGroup) -> None:
