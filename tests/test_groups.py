@@ -108,11 +108,16 @@ def test_inject_groups_by_default_and_equals_the_opt_out(family, dropout):
         assert torch.equal(torch.randint(0, 2**62, (1,)), after_plain)
 
 
-def test_training_steps_and_gradient_checkpointing_match():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_training_steps_and_gradient_checkpointing_match(reentrant):
+    """Checkpointed training, 3 AdamW steps: the recomputed forward re-draws the same seeds (torch
+    restores the CPU RNG state), so the group recomputes exactly what the separate layers would."""
     plain, grouped = _pair(0.2, layers=1)
     ids = tokens(batch=2, seq=10)
     for model in (plain, grouped):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        if reentrant:
+            model.enable_input_require_grads()
     losses = {}
     for name, model in (("plain", plain), ("grouped", grouped)):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -227,6 +232,17 @@ def test_states_where_the_group_steps_aside_stay_exact(how):
         lk.unmerge(plain)
         assert lk.projection_groups(grouped)[0]["applies"]
         _assert_same(_step(plain, ids, 4), _step(grouped, ids, 4))
+
+
+def test_per_slice_member_steps_aside():
+    plain, grouped = _pair(0.2, layers=1, enable_lora={"k_proj": [True, False]})
+    reports = lk.projection_groups(grouped)
+    assert "k_proj: adapter 'default' is per-slice (enable_lora)" == reports[0]["reason"] and reports[1]["applies"]
+    ids = tokens(batch=2, seq=8)
+    before = _calls()
+    got = _step(grouped, ids, seed=3)
+    assert _calls() - before == 1
+    _assert_same(_step(plain, ids, seed=3), got)
 
 
 def test_save_load_round_trip_deepcopy_pickle_and_merge_and_unload(tmp_path):
