@@ -452,8 +452,8 @@ class LoRALinear(_AdapterHost):
         return self._dora_norm(self.active)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = self.__dict__.get("_lk_group")  # a shared-input projection group (lora_kernels.groups)
-        if group is not None and not _compiling():
+        group = None if _compiling() else self.__dict__.get("_lk_group")  # lora_kernels.groups (eager only)
+        if group is not None:
             y = group[0].output(group[1], x)
             if y is not None:
                 return y

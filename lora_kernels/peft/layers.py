@@ -170,8 +170,8 @@ class Linear(peft_lora.Linear):
     """PEFT's lora.Linear computing its forward with lora_kernels (see the module docstring)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        group = self.__dict__.get("_lk_group")  # a shared-input projection group (lora_kernels.groups)
-        if group is not None and not _compiling():
+        group = None if _compiling() else self.__dict__.get("_lk_group")  # lora_kernels.groups (eager only)
+        if group is not None:
             y = group[0].output(group[1], x, args, kwargs)
             if y is not None:
                 return y
