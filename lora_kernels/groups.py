@@ -240,6 +240,14 @@ def _draws_nothing(module) -> bool:
     return type(module) is nn.Linear
 
 
+def _specs_reason(specs) -> str | None:
+    if len({s.p for s in specs}) != 1:
+        return f"the members' dropout rates differ ({sorted({s.p for s in specs})})"
+    if len({s.backend for s in specs}) != 1:
+        return "the members' backends differ"
+    return None
+
+
 def _reason_for_x(x, specs) -> str | None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.numel() == 0:
         return "the input is not a non-empty floating-point tensor"
@@ -247,11 +255,7 @@ def _reason_for_x(x, specs) -> str | None:
 
     if getattr(forward_ad, "_current_level", -1) >= 0 or torch._C._are_functorch_transforms_active():
         return "forward-mode AD or a functorch transform is active"
-    if len({s.p for s in specs}) != 1:
-        return f"the members' dropout rates differ ({sorted({s.p for s in specs})})"
-    if len({s.backend for s in specs}) != 1:
-        return "the members' backends differ"
-    return None
+    return _specs_reason(specs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,13 +325,7 @@ class ProjectionGroup:
         if self.stopped is not None:
             return f"switched off: {self.stopped}"
         specs = self.specs()
-        if isinstance(specs, str):
-            return specs
-        if len({s.p for s in specs}) != 1:
-            return f"the members' dropout rates differ ({sorted({s.p for s in specs})})"
-        if len({s.backend for s in specs}) != 1:
-            return "the members' backends differ"
-        return None
+        return specs if isinstance(specs, str) else _specs_reason(specs)
 
     # -- the member call --
     def output(self, index: int, x, args=(), kwargs=None):

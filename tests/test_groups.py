@@ -287,6 +287,36 @@ def test_generate_in_eval_equals_the_opt_out():
         torch.testing.assert_close(grouped(input_ids=ids).logits, plain(input_ids=ids).logits)
 
 
+def test_threads_share_a_grouped_model():
+    """Sessions are per thread: concurrent forwards of one model each get their own members' outputs."""
+    import threading
+
+    plain, grouped = _pair(0.0, layers=1)
+    plain.eval()
+    grouped.eval()
+    inputs = [tokens(batch=1, seq=4 + i, seed=i) for i in range(6)]
+    with torch.no_grad():
+        expected = [plain(input_ids=ids).logits for ids in inputs]
+    got = [None] * len(inputs)
+
+    def work(indices):
+        with torch.no_grad():
+            for _ in range(3):
+                for i in indices:
+                    got[i] = grouped(input_ids=inputs[i]).logits
+
+    threads = [threading.Thread(target=work, args=(range(k, len(inputs), 2),)) for k in range(2)]
+    before = _calls()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert _calls() - before == 3 * len(inputs) * 2
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert all(g["applies"] for g in lk.projection_groups(grouped))  # no safety-net stop
+
+
 def test_autocast_bf16_equals_the_opt_out():
     plain, grouped = _pair(0.2, layers=1)
     ids = tokens(batch=2, seq=8)
