@@ -254,7 +254,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
     ``group_projections`` (None: ``config.group_projections``, True by default): then group the
     adapted q/k/v and gate/up projections of known Llama-style attention / MLP classes into
     shared-input projection groups (lora_kernels.groups; docs/projection-groups.md). False adds no
-    group (groups already in the model stay; ``lora_kernels.ungroup_projections`` removes them).
+    group (groups already in the model stay, except those whose members this call changed, which are
+    dissolved; ``lora_kernels.ungroup_projections`` removes them all).
     """
     if group_projections is not None and not isinstance(group_projections, bool):
         raise TypeError(f"group_projections must be a bool or None, got {group_projections!r}")
@@ -292,7 +293,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
     enable_adapter_names(model)  # model(..., adapter_names=[...]) and generate(..., adapter_names=[...])
     from .groups import _apply
     # add groups (or, opted out, only dissolve those whose members this call changed)
-    _apply(model, (), known_only=True, add=config.group_projections if group_projections is None else group_projections)
+    _apply(model, (), known_only=True,
+           add=config.group_projections if group_projections is None else group_projections)
     return names
 
 

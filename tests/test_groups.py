@@ -578,3 +578,9 @@ def test_refusals_and_options():
     qv = tiny_llama(0)
     lk.inject(qv, lk.LoraConfig(rank=4))
     assert [g["members"][-1].rsplit(".", 1)[1] for g in lk.projection_groups(qv)] == ["v_proj", "v_proj"]
+    # adapting k later, opted out: a LoRA k between q and v would draw its own seed, so the q/v
+    # groups are dissolved, not left stale; opted in, q/k/v groups replace them
+    lk.inject(qv, lk.LoraConfig(rank=4, target_modules=["k_proj"]), adapter_name="k", group_projections=False)
+    assert lk.projection_groups(qv) == []
+    lk.inject(qv, lk.LoraConfig(rank=4, target_modules=["k_proj"]), adapter_name="k2")
+    assert [len(g["members"]) for g in lk.projection_groups(qv)] == [3, 3]

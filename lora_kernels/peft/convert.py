@@ -48,7 +48,8 @@ def convert(peft_model: nn.Module, group_projections: bool = True) -> tuple[list
 
     ``group_projections``: then group the converted q/k/v and gate/up layers of known Llama-style
     attention / MLP classes into shared-input projection groups (lora_kernels.groups;
-    docs/projection-groups.md); False adds none (and leaves groups already made in place).
+    docs/projection-groups.md); False adds none (groups already made stay, except those with a member
+    handed back to PEFT here, which are dissolved).
     """
     if not isinstance(group_projections, bool):
         raise TypeError(f"group_projections must be a bool, got {group_projections!r}")
