@@ -28,7 +28,9 @@ When a group computes (docs/projection-groups.md has the user-facing version), a
 - every member: one active plain-LoRA adapter (not DoRA, not per-slice ``enable_lora``, not
   several active adapters nor an ``adapter_names=`` mixed batch, not merged, not disabled; PEFT
   layers also: no ``lora_bias``, no extra forward arguments), a plain floating-point frozen weight
-  and bias (a weight or bias that requires grad while grad is enabled steps aside);
+  and bias (a weight or bias that requires grad while grad is enabled steps aside) — or no active
+  adapter at all (a *passive* member: it computes its base output itself and draws no seed), as
+  long as at least two members are active;
 - all members have the same effective dropout probability (p if training else 0) and backend, and
   their weights the dtype and device of x (after autocast's casts).
 Otherwise every member runs its own (ungrouped) path for that forward: same results, same RNG draws.
@@ -173,7 +175,7 @@ def _frozen_reason(weight, bias) -> str | None:
     return None
 
 
-def _lora_spec(layer) -> _Spec | str:
+def _lora_spec(layer) -> _Spec | str | None:
     d = layer.__dict__
     if d.get("_lk_multi_rows") is not None or d.get("_lk_multi_active"):
         return "several adapters (adapter_names= mixed batch or several active)"
@@ -182,7 +184,7 @@ def _lora_spec(layer) -> _Spec | str:
     if layer.disabled:
         return "adapters are disabled"
     if layer.active_adapter is None or layer.active_adapter not in layer.adapters:
-        return "no active adapter"
+        return None  # passive: computes its base output, draws nothing
     a = layer.active
     if a.use_dora:
         return f"adapter {layer.active_adapter!r} is DoRA"
@@ -195,7 +197,7 @@ def _lora_spec(layer) -> _Spec | str:
                  layer.backend)
 
 
-def _peft_spec(layer) -> _Spec | str:
+def _peft_spec(layer) -> _Spec | str | None:
     from .peft.layers import _scale_args, dropout_p
 
     if layer.disable_adapters:
@@ -203,7 +205,9 @@ def _peft_spec(layer) -> _Spec | str:
     if layer.merged:
         return "an adapter is merged"
     active = [n for n in layer.active_adapters if n in layer.lora_A]
-    if len(active) != 1:
+    if not active:
+        return None  # passive: computes its base output, draws nothing
+    if len(active) > 1:
         return f"{len(active)} active adapters"
     name = active[0]
     if layer.lora_variant.get(name) is not None:
@@ -241,6 +245,9 @@ def _draws_nothing(module) -> bool:
 
 
 def _specs_reason(specs) -> str | None:
+    specs = [s for s in specs if s is not None]
+    if len(specs) < 2:
+        return "fewer than two members have an active adapter"
     if len({s.p for s in specs}) != 1:
         return f"the members' dropout rates differ ({sorted({s.p for s in specs})})"
     if len({s.backend for s in specs}) != 1:
@@ -260,6 +267,13 @@ def _reason_for_x(x, specs) -> str | None:
 
 # ------------------------------------------------------------------------------------------------
 # the group
+
+
+def _next_active(specs, i: int) -> int:
+    """The first index ≥ i of a member that is not passive (len(specs) if none)."""
+    while i < len(specs) and specs[i] is None:
+        i += 1
+    return i
 
 
 class _Session:
@@ -296,7 +310,7 @@ class ProjectionGroup:
     def end(self, failed: bool = False) -> None:
         s = self._live.pop(threading.get_ident(), None)
         if s is not None and s.cache is not None and not failed:
-            unused = [self.names[i] for i in range(s.cache[3], len(self.members))]
+            unused = [self.names[i] for i in range(s.cache[3], len(self.members)) if s.cache[4][i] is not None]
             self._stop(f"{unused} were computed by the group but never called in the parent's forward")
 
     def _stop(self, why: str) -> None:
@@ -310,8 +324,9 @@ class ProjectionGroup:
     def _spec(self, member):
         return _lora_spec(member) if self.kind == "lora" else _peft_spec(member)
 
-    def specs(self) -> list[_Spec] | str:
-        """Every member's spec, or the first reason one of them cannot join."""
+    def specs(self) -> list[_Spec | None] | str:
+        """Every member's spec (None: passive, no active adapter in this layer: it computes its base
+        output alone, drawing no seed), or the first reason one of them cannot join."""
         out = []
         for name, m in zip(self.names, self.members):
             s = self._spec(m)
@@ -336,17 +351,19 @@ class ProjectionGroup:
         if s is None:  # not inside the parent's forward
             return None
         c = s.cache
+        if c is not None and c[4][index] is None:
+            return None  # a passive member: its own base output, the group's cache untouched
         if c is not None:
             if index == c[3] and c[0] is x and (c[1] is None or c[1] == x._version):
                 spec = self._spec(self.members[index])
                 old = c[4][index]
-                if isinstance(spec, str) or spec.a is not old.a or spec.p != old.p or spec.scale != old.scale:
+                if not isinstance(spec, _Spec) or spec.a is not old.a or spec.p != old.p or spec.scale != old.scale:
                     s.cache = None  # the member changed (merged, adapter switched ...) since the group ran
                     self._stop(f"{self.names[index]} changed state between the group's run and its call")
                     return None
                 y = c[2][index]
                 c[2][index] = None
-                c[3] += 1
+                c[3] = _next_active(c[4], index + 1)
                 if c[3] == len(self.members):
                     s.cache = None
                 return y
@@ -370,7 +387,8 @@ class ProjectionGroup:
 
         ws, bs, a_s, b_s = [], [], [], []
         xc = x
-        for sp in specs:
+        active = [sp for sp in specs if sp is not None]
+        for sp in active:
             xc, w, a, b, bias = _autocast(x, sp.weight, sp.a, sp.b, sp.bias)
             if w.dtype != xc.dtype or w.device != xc.device:
                 return None  # the member's own path raises its clear error, or casts as PEFT does
@@ -378,18 +396,21 @@ class ProjectionGroup:
             a_s.append(a if a.dtype == xc.dtype else a.to(xc.dtype))
             b_s.append(b if b.dtype == xc.dtype else b.to(xc.dtype))
             bs.append(None if bias is None else (bias if bias.dtype == xc.dtype else bias.to(xc.dtype)))
-        p = specs[0].p
-        seeds = [draw_seed() for _ in specs] if p > 0.0 else [0] * len(specs)  # member order, as separate layers
+        p = active[0].p
+        seeds = [draw_seed() for _ in active] if p > 0.0 else [0] * len(active)  # member order, as separate layers
         with contextlib.ExitStack() as stack:
             if self.kind == "lora":
                 for m in self.members:
                     stack.enter_context(m._reading())
             GROUP_CALLS["count"] += 1
             with _autocast_off(xc.device):
-                ys = _group_forward(xc, ws, bs, a_s, b_s, [sp.scale for sp in specs], p, seeds, specs[0].backend)
+                ys = _group_forward(xc, ws, bs, a_s, b_s, [sp.scale for sp in active], p, seeds, active[0].backend)
+        outputs = iter(ys)
+        ys = [None if sp is None else next(outputs) for sp in specs]
         version = None if x.is_inference() else x._version
-        session.cache = [x, version, list(ys), 1, specs] if len(ys) > 1 else None
-        return ys[0]
+        nxt = _next_active(specs, 1)
+        session.cache = [x, version, ys, nxt, specs] if nxt < len(specs) else None
+        return ys[0]  # None for a passive first member: it computes its base output itself
 
 
 # ------------------------------------------------------------------------------------------------

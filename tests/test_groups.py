@@ -234,6 +234,38 @@ def test_states_where_the_group_steps_aside_stay_exact(how):
         _assert_same(_step(plain, ids, 4), _step(grouped, ids, 4))
 
 
+@pytest.mark.parametrize("kind", ["lora", "peft"])
+def test_a_member_without_an_active_adapter_is_passive(kind):
+    """Adapter "b" covers q and v only: with "b" active, k computes its base output alone (no seed)
+    and the group computes q and v; the RNG stays the separate layers'."""
+    if kind == "lora":
+        plain, grouped = _pair(0.3, layers=1)
+        for model in (plain, grouped):
+            lk.inject(model, lk.LoraConfig(rank=2, dropout=0.3, target_modules=["q_proj", "v_proj", "up_proj"]),
+                      adapter_name="b", group_projections=model is grouped)
+            _randomize(model, seed=4)
+        grouped.load_state_dict(plain.state_dict())
+        for model in (plain, grouped):
+            lk.set_adapter(model, "b")
+    else:
+        peft = pytest.importorskip("peft")
+        ref = _peft_llama(0.3).train()
+        ref.add_adapter("b", peft.LoraConfig(r=2, lora_dropout=0.3, target_modules=["q_proj", "v_proj", "up_proj"],
+                                             init_lora_weights=False))
+        ref.set_adapter("b")
+        plain, grouped = copy.deepcopy(ref), copy.deepcopy(ref)
+        lk.peft.convert(plain, group_projections=False)
+        lk.peft.convert(grouped)
+    reports = lk.projection_groups(grouped)
+    assert reports[0]["applies"], reports
+    assert reports[1]["reason"] == "fewer than two members have an active adapter"  # gate has none, up has
+    ids = tokens(batch=2, seq=8)
+    before = _calls()
+    got = _step(grouped, ids, seed=6)
+    assert _calls() - before == 1
+    _assert_same(_step(plain, ids, seed=6), got)
+
+
 def test_per_slice_member_steps_aside():
     plain, grouped = _pair(0.2, layers=1, enable_lora={"k_proj": [True, False]})
     reports = lk.projection_groups(grouped)
