@@ -460,18 +460,24 @@ def test_a_non_first_member_without_a_cache_hit_computes_only_its_own_output():
     assert _calls() == before
 
 
-def test_outputs_never_asked_for_switch_the_group_off():
+@pytest.mark.parametrize("calls, message", [(("q_proj", "v_proj"), "out of order"),
+                                             (("q_proj",), "never called")])
+def test_skipped_members_switch_the_group_off_and_stay_exact(calls, message):
+    """A parent that skips k (v then comes out of order) or calls q only (k and v were computed for
+    nothing): RuntimeWarning, the group switches off, the outputs are the separate layers' (p = 0)."""
     plain, grouped = _attn_pair(0.0)
-
     h = torch.randn(2, 4, 16)
-    inner = grouped
-    orig_forward = type(inner).forward
-    inner.forward = lambda h, kv=None, partial=False: inner.q_proj(h)[..., :8] + 0 * inner.v_proj(h)[..., :1]
-    with pytest.warns(RuntimeWarning, match="out of order|never called"):
-        inner(h)
-    del inner.forward
-    assert type(inner).forward is orig_forward
-    assert inner.__dict__["_lk_projection_groups"][0].stopped
+
+    def only(model):
+        return lambda h, kv=None, partial=False: torch.cat([getattr(model, n)(h) for n in calls], -1)
+
+    plain.forward, grouped.forward = only(plain), only(grouped)
+    with torch.no_grad():
+        expected = plain(h)
+        with pytest.warns(RuntimeWarning, match=message):
+            got = grouped(h)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert message in grouped.__dict__["_lk_projection_groups"][0].stopped
 
 
 def _lm_loss(model):
