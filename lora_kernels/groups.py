@@ -448,7 +448,7 @@ def _detach(parent: nn.Module) -> int:
     groups = parent.__dict__.pop(_PARENT_ATTR, None)
     if groups is None:
         return 0
-    for hooks, fn in ((parent._forward_pre_hooks, _begin), (parent._forward_hooks, _end)):
+    for hooks in (parent._forward_pre_hooks, parent._forward_hooks):
         for key in [k for k, f in hooks.items() if f is _begin or f is _end]:
             del hooks[key]
             parent._forward_hooks_always_called.pop(key, None)
