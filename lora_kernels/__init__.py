@@ -10,6 +10,8 @@ Public API:
     QuantizedWeight    a 4-bit (NF4/FP4, bitsandbytes layout) frozen weight: pass it as ``weight`` (QLoRA);
                        lora_kernels.quant (quantise/dequantise), lora_kernels.qlora_layers (modules)
     lora_scale         alpha/r or alpha/sqrt(r) (rsLoRA)
+    projection_groups  the shared-input projection groups (q/k/v, gate/up) inject/convert made, and
+                       whether each applies (group_projections / ungroup_projections: by hand)
     BACKENDS           backend names accepted by ``backend=`` and $LORA_KERNELS_BACKEND
 """
 from .backends import BACKENDS
@@ -33,6 +35,7 @@ from .model import (
     unmerge,
 )
 from .reference import dora_linear_ref, lora_linear_ref
+from .groups import group_projections, projection_groups, ungroup_projections
 from .quant import QuantizedWeight
 from . import qlora_layers  # noqa: E402  (QLoRA modules: QuantLinear, QLoRALinear, quantize_linears)
 from . import peft  # noqa: E402  (lk.peft.convert; imports peft itself only when called)
@@ -42,7 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS", "LoRAEmbedding", "LoRALinear", "LoraConfig", "QuantizedWeight", "adapters_disabled", "delete_adapter",
     "dora_linear",
-    "dora_linear_ref", "inject", "list_adapters", "load_adapter", "lora_linear", "lora_linear_ref", "lora_scale",
+    "dora_linear_ref", "group_projections", "inject", "list_adapters", "load_adapter", "lora_linear", "lora_linear_ref", "lora_scale",
     "lora_state_dict", "loraplus_param_groups", "mark_only_lora_as_trainable", "merge", "merge_and_unload",
-    "safe_merge", "save_adapter", "set_adapter", "unmerge", "__version__",
+    "projection_groups", "safe_merge", "save_adapter", "set_adapter", "ungroup_projections", "unmerge", "__version__",
 ]

@@ -81,6 +81,9 @@ class LoraConfig:
             Ranks are ints ≥ 1, alphas finite numbers > 0.
         enable_lora: {module name: [bool per output slice]} for fused projections (GPT-2 c_attn
             [q, k, v]); only enabled slices get an adapter, all computed in one kernel call.
+        group_projections: after injecting, group the adapted q/k/v and gate/up projections of known
+            Llama-style attention and MLP classes into shared-input projection groups (one op per
+            group; same results: docs/projection-groups.md). False leaves the model ungrouped.
     """
 
     rank: int = 8
@@ -95,6 +98,7 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     enable_lora: dict[str, list[bool]] | None = None
+    group_projections: bool = True
     source: str | None = field(default=None, repr=False, compare=False)  # the file it came from (errors name it)
 
     def __post_init__(self):
@@ -110,7 +114,7 @@ class LoraConfig:
         self.dropout = check_dropout(self.dropout)
         if not isinstance(self.init, str) or not (self.init in INITS or _check_pissa(self.init)):
             raise ValueError(f"init must be one of {INITS} or 'pissa_niter_<N>', got {self.init!r}")
-        for name in ("use_rslora", "use_dora"):
+        for name in ("use_rslora", "use_dora", "group_projections"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.bias not in BIAS_MODES:

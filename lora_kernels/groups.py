@@ -1,41 +1,91 @@
-"""Shared-input projection groups (issue 16, item 2): a torch-backend, model-level PROTOTYPE.
+"""Shared-input projection groups (issue 16, item 2), applied by ``inject`` and ``peft.convert``.
 
-When several adapted projections read the same tensor (Llama's q/k/v read the attention norm's
-output, gate/up the MLP norm's), one op computes all their outputs from one x:
+Several adapted projections that read the same tensor (Llama's q/k/v read the attention norm's
+output, gate/up the MLP norm's) are computed by ONE op from one x:
 
-    forward:   u_i = (x ⊙ Z_i)·A_iᵀ for every member i (p = 0: ONE product x·[A_1; A_2; ...]ᵀ, one
-               read of x), then y_i = x·W_iᵀ + b_i + s_i·u_i·B_iᵀ
-    backward:  dx = Σ_i (g_i·W_i + s_i·(v_i·A_i) ⊙ Z_i), accumulated into ONE buffer (in-place
-               addmm/add), instead of autograd summing one M×K tensor per member
+    forward:   u_i = (x ⊙ Z_i)·A_iᵀ for every member i, y_i = x·W_iᵀ + b_i + s_i·u_i·B_iᵀ
+    backward:  dx = Σ_i (g_i·W_i + s_i·(v_i·A_i) ⊙ Z_i), accumulated into one buffer instead of
+               autograd summing one M×K tensor per member
 
-Each member keeps its own seed (drawn in member order, exactly as separate layers draw theirs), so
-outputs and gradients equal the ungrouped layers' under the same RNG state. Saved for backward: x
-once, u_i (M×r_i) and the seeds; never a mask.
+Each member keeps its own dropout seed, drawn in member order exactly as the separate layers draw
+theirs (one draw per member, only when p > 0 and training), so outputs and gradients equal the
+ungrouped model's under the same torch RNG state.
 
-What this prototype is not (yet): the Triton kernel that reads each x tile once and applies all the
-members' masks in registers (it depends on the kernel rewrite of issue 13), automatic use by
-``inject`` / ``convert``, DoRA members, per-slice (``enable_lora``) members, and torch.compile
-registration (this is a plain autograd.Function). Members must use the torch backend.
+How it is wired (nothing in the model's structure changes): the members keep their class; each
+holds ``_lk_group = (group, index)`` in its ``__dict__`` (not a parameter, buffer or submodule, so
+module names, parameter names and the state dict are unchanged), and the parent gets a forward
+pre-hook and an always-called forward hook that open and close a per-thread *session*. While the
+parent's forward runs, the first member (index 0: q_proj / gate_proj) called with x computes every
+member's output; each later member called with that same tensor object, unmodified (same
+``_version``; inference tensors: same object), takes its output from the session's cache. The
+cache never outlives the parent's forward (the closing hook drops it, also on an exception), so
+no autograd graph is kept alive past it.
 
-Use: ``group_projections(model)`` after ``inject``; ``ungroup_projections(model)`` undoes it. The
-modules, parameters and state dict are unchanged (only the members' classes are swapped).
+When a group computes (docs/projection-groups.md has the user-facing version), all of:
+- the parent's forward is running (called as a module) and torch.compile is not tracing
+  (``torch.compiler.is_compiling()``: the group steps aside and the compiled graph has the members'
+  own custom ops), no forward-mode AD or functorch transform is active;
+- every member: one active plain-LoRA adapter (not DoRA, not per-slice ``enable_lora``, not
+  several active adapters nor an ``adapter_names=`` mixed batch, not merged, not disabled; PEFT
+  layers also: no ``lora_bias``, no extra forward arguments), a plain floating-point frozen weight
+  and bias (a weight or bias that requires grad while grad is enabled steps aside) — or no active
+  adapter at all (a *passive* member: it computes its base output itself and draws no seed), as
+  long as at least two members are active;
+- all members have the same effective dropout probability (p if training else 0) and backend, and
+  their weights the dtype and device of x (after autocast's casts).
+Otherwise every member runs its own (ungrouped) path for that forward: same results, same RNG draws.
+
+Safety net: if a member expected from the cache is called with another tensor (cross-attention),
+members are served out of order, or the parent's forward ends with outputs never asked for, the
+group's work was partly wasted (and its seed draws differ from the separate layers'): the group
+switches itself off with a RuntimeWarning, the member computes only its own output, and the model
+stays correct. ``inject``/``convert`` only group parents whose forward is known to call the members
+in order on one tensor (:data:`KNOWN_PARENTS`), where this never happens.
 """
 from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import warnings
 
 import torch
 from torch import nn
 
-from .dropout import draw_seed, dropout_mask
-from .layers import LoRALinear
+from .dropout import draw_seed
+from .layers import LoRALinear, _compiling
 
 DEFAULT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
+# transformers classes whose forward calls these children, in this order, on the same tensor, with no
+# RNG draw between them (read in transformers 5.x: modeling_<family>.py). Matched by class name, for
+# classes defined in a ``transformers.`` module; anything else is grouped only by an explicit
+# group_projections(model).
+_ATTENTION = ("Llama", "Mistral", "Ministral", "Mixtral", "Qwen2", "Qwen2Moe", "Qwen3", "Qwen3Moe", "Gemma",
+              "Gemma2", "Gemma3", "Granite", "Olmo", "Olmo2", "Cohere", "Starcoder2", "SmolLM3")
+_MLP = ("Llama", "Mistral", "Ministral", "Qwen2", "Qwen2Moe", "Qwen3", "Qwen3Moe", "Gemma", "Gemma2", "Gemma3",
+        "Granite", "Olmo", "Olmo2", "Cohere", "SmolLM3")
+KNOWN_PARENTS = {**{f"{f}Attention": DEFAULT_GROUPS[0] for f in _ATTENTION},
+                 **{f"{f}MLP": DEFAULT_GROUPS[1] for f in _MLP}}
+
+# counted by the tests: grouped ops run (one per group and forward when the group applies)
+GROUP_CALLS = {"count": 0}
+
+_ATTR = "_lk_group"              # on a member: (ProjectionGroup, index)
+_PARENT_ATTR = "_lk_projection_groups"  # on a parent: [ProjectionGroup, ...]
+
+
+# ------------------------------------------------------------------------------------------------
+# the math op (the lead swaps its body for lora_kernels.grouped.grouped_lora at merge)
+
 
 class _GroupedLoRAFunction(torch.autograd.Function):
-    """tensors: (W_i, b_i or None, A_i, B_i) for each member, flattened."""
+    """tensors: (W_i, b_i or None, A_i, B_i) for each member, flattened; x is 2-D (M×K)."""
 
     @staticmethod
     def forward(ctx, x, dropout_p, seeds, scales, *tensors):
+        from .dropout import dropout_mask
+
         n = len(scales)
         ws, bs, a_s, b_s = tensors[0::4], tensors[1::4], tensors[2::4], tensors[3::4]
         ranks = [a.shape[0] for a in a_s]
@@ -48,145 +98,486 @@ class _GroupedLoRAFunction(torch.autograd.Function):
         for i in range(n):
             y = torch.addmm(bs[i], x, ws[i].t()) if bs[i] is not None else torch.mm(x, ws[i].t())
             ys.append(y.addmm_(us[i], b_s[i].t(), alpha=scales[i]))
+        ctx.set_materialize_grads(False)  # an output nobody used: None, so its A/B get no gradient (as ungrouped)
         ctx.save_for_backward(x, *ws, *a_s, *b_s, *us)
         ctx.meta = (n, dropout_p, seeds, scales, [b is not None and b.requires_grad for b in bs])
         return tuple(ys)
 
     @staticmethod
     def backward(ctx, *grads):
+        from .dropout import dropout_mask
+        from .functions import _autocast_off
+
         n, p, seeds, scales, bias_grad = ctx.meta
         saved = ctx.saved_tensors
-        x, ws, a_s, b_s, us = saved[0], saved[1:1 + n], saved[1 + n:1 + 2 * n], saved[1 + 2 * n:1 + 3 * n], \
-            saved[1 + 3 * n:]
+        x, ws, a_s, b_s = saved[0], saved[1:1 + n], saved[1 + n:1 + 2 * n], saved[1 + 2 * n:1 + 3 * n]
+        us = saved[1 + 3 * n:]
         dx = None
         out = []
-        for i, g in enumerate(grads):
-            if g is None:
-                out += [None, None, None, None]
-                continue
-            z = dropout_mask(seeds[i], x.shape[0], x.shape[1], p, dtype=x.dtype, device=x.device) if p > 0 else None
-            v = g @ b_s[i]
-            grad_b = torch.mm(g.t(), us[i]).mul_(scales[i])
-            grad_a = torch.mm(v.t(), x if z is None else x * z).mul_(scales[i])
-            if ctx.needs_input_grad[0]:
-                if dx is None:
-                    dx = torch.mm(g, ws[i])
-                else:
-                    dx.addmm_(g, ws[i])  # the members' dx accumulate in one buffer
-                lora = v @ a_s[i]
-                if z is not None:
-                    lora.mul_(z)
-                dx.add_(lora, alpha=scales[i])
-            out += [None, g.sum(0) if bias_grad[i] else None, grad_a, grad_b]
-        if dx is None and ctx.needs_input_grad[0]:
-            dx = torch.zeros_like(x)
+        with _autocast_off(x.device):
+            for i, g in enumerate(grads):
+                if g is None:
+                    out += [None, None, None, None]
+                    continue
+                z = dropout_mask(seeds[i], x.shape[0], x.shape[1], p, dtype=x.dtype, device=x.device) if p > 0 else None
+                v = g @ b_s[i]
+                grad_b = torch.mm(g.t(), us[i]).mul_(scales[i])
+                grad_a = torch.mm(v.t(), x if z is None else x * z).mul_(scales[i])
+                if ctx.needs_input_grad[0]:
+                    if dx is None:
+                        dx = torch.mm(g, ws[i])
+                    else:
+                        dx.addmm_(g, ws[i])  # the members' dx accumulate in one buffer
+                    lora = v @ a_s[i]
+                    if z is not None:
+                        lora.mul_(z)
+                    dx.add_(lora, alpha=scales[i])
+                out += [None, g.sum(0) if bias_grad[i] else None, grad_a, grad_b]
+            if dx is None and ctx.needs_input_grad[0]:
+                dx = torch.zeros_like(x)
         return (dx, None, None, None, *out)
 
 
-# counted by the tests: one grouped shrink per group and forward
-GROUP_CALLS = {"count": 0}
+def _group_forward(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seeds, backend):
+    """[y_i] (..., N_i): y_i = x·W_iᵀ + b_i + s_i·((x ⊙ Z_i)·A_iᵀ)·B_iᵀ, Z_i the mask of seeds[i].
 
+    The contract of ``lora_kernels.grouped.grouped_lora``; for now torch ops for every backend
+    (the explicit Triton backends are still validated as the separate layers would be)."""
+    from .backends import resolve_backend
 
-def grouped_lora_linear(x: torch.Tensor, layers: list[LoRALinear], training: bool) -> list[torch.Tensor]:
-    """The outputs of ``layers`` (active LoRA adapters, one shared input ``x``) from one grouped op."""
-    ps = {layer.active.dropout for layer in layers}
-    if len(ps) != 1:
-        raise ValueError(f"grouped projections need one dropout rate, got {sorted(ps)}")
-    p = ps.pop() if training else 0.0
-    seeds = tuple(draw_seed() for _ in layers) if p > 0 else tuple(0 for _ in layers)
-    x2d = x.reshape(-1, x.shape[-1])
+    k = x.shape[-1]
+    x2d = x.reshape(-1, k)
+    for w, a in zip(weights, lora_as):
+        resolve_backend(backend, x2d, w.shape[0], a.shape[0])  # the separate path's refusals
     tensors = []
-    for layer in layers:
-        a = layer.active
-        tensors += [layer.weight.to(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype),
-                    a.lora_A.to(x.dtype), a.lora_B.to(x.dtype)]
-    GROUP_CALLS["count"] += 1
-    ys = _GroupedLoRAFunction.apply(x2d, p, seeds, tuple(layer.active.scale for layer in layers), *tensors)
+    for w, b, a, bb in zip(weights, biases, lora_as, lora_bs):
+        tensors += [w, b, a, bb]
+    ys = _GroupedLoRAFunction.apply(x2d, float(dropout_p), tuple(seeds), tuple(scales), *tensors)
     return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 
-class ProjectionGroup:
-    """Members that read the same input: the first member called with x computes every member's output;
-    the others, called with that same x (same object, unchanged), take theirs from the cache."""
-
-    def __init__(self, layers: list[LoRALinear]):
-        self.layers = layers
-        self._cache = None  # (x, x._version, outputs, members not yet served)
-
-    def output(self, index: int, x: torch.Tensor, training: bool) -> torch.Tensor:
-        c = self._cache
-        if c is not None and c[0] is x and c[1] == x._version and index in c[3]:
-            c[3].discard(index)
-            y = c[2][index]
-            if not c[3]:
-                self._cache = None
-            return y
-        ys = grouped_lora_linear(x, self.layers, training)
-        pending = set(range(len(self.layers))) - {index}
-        self._cache = (x, x._version, ys, pending) if pending else None
-        return ys[index]
-
-    def usable(self) -> bool:
-        return all(not m.merged and not m.disabled and m.active_adapter is not None for m in self.layers)
+# ------------------------------------------------------------------------------------------------
+# members: what each kind of layer contributes, or why it cannot join this forward
 
 
-class GroupedLoRALinear(LoRALinear):
-    """A LoRALinear member of a :class:`ProjectionGroup` (class swapped in place by group_projections)."""
+class _Spec:
+    __slots__ = ("weight", "bias", "a", "b", "scale", "p", "backend")
 
-    _lora_kernels_grouped = True
-
-    def forward(self, x):
-        group, index = self._projection_group
-        if not group.usable():  # merged / disabled / no adapter: the layer's own path (it computes the base)
-            return LoRALinear.forward(self, x)
-        return group.output(index, x, self.training)
+    def __init__(self, weight, bias, a, b, scale, p, backend):
+        self.weight, self.bias, self.a, self.b, self.scale, self.p, self.backend = weight, bias, a, b, scale, p, backend
 
 
-def _check_member(name: str, layer: nn.Module) -> None:
-    if not isinstance(layer, LoRALinear):
-        raise TypeError(f"{name} is a {type(layer).__name__}, not a LoRALinear (inject first)")
+def _frozen_reason(weight, bias) -> str | None:
+    if type(weight) not in (torch.Tensor, nn.Parameter) or not weight.is_floating_point():
+        return f"its weight is a {type(weight).__name__} of dtype {getattr(weight, 'dtype', None)} (quantized?)"
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return "its base weight or bias trains (requires_grad)"
+    return None
+
+
+def _lora_spec(layer) -> _Spec | str | None:
+    d = layer.__dict__
+    if d.get("_lk_multi_rows") is not None or d.get("_lk_multi_active"):
+        return "several adapters (adapter_names= mixed batch or several active)"
+    if layer.merged:
+        return f"adapter {layer.merged_adapter!r} is merged"
+    if layer.disabled:
+        return "adapters are disabled"
+    if layer.active_adapter is None or layer.active_adapter not in layer.adapters:
+        return None  # passive: computes its base output, draws nothing
     a = layer.active
-    if a.use_dora or a.enable_lora is not None:
-        raise ValueError(f"{name}: DoRA and per-slice (enable_lora) adapters are not supported by the group prototype")
-    if layer.backend not in (None, "torch"):
-        raise ValueError(f"{name}: backend {layer.backend!r}; the group prototype computes with torch ops")
+    if a.use_dora:
+        return f"adapter {layer.active_adapter!r} is DoRA"
+    if a.enable_lora is not None:
+        return f"adapter {layer.active_adapter!r} is per-slice (enable_lora)"
+    reason = _frozen_reason(layer.weight, layer.bias)
+    if reason is not None:
+        return reason
+    return _Spec(layer.weight, layer.bias, a.lora_A, a.lora_B, a.scale, a.dropout if layer.training else 0.0,
+                 layer.backend)
 
 
-def group_projections(model: nn.Module, groups=DEFAULT_GROUPS) -> list[list[str]]:
-    """Group the members of ``groups`` (child names) under every module that has all of them as
-    LoRALinear children; returns the groups made (full names). Validates everything first."""
-    found = []
-    for parent_name, parent in model.named_modules():
-        for names in groups:
-            members = [getattr(parent, n, None) for n in names]
-            if all(isinstance(m, LoRALinear) for m in members):
-                full = [f"{parent_name}.{n}" if parent_name else n for n in names]
-                for f, m in zip(full, members):
-                    _check_member(f, m)
-                    if getattr(type(m), "_lora_kernels_grouped", False):
-                        raise ValueError(f"{f} is already grouped")
-                if len({m.in_features for m in members}) != 1:
-                    raise ValueError(f"{full}: members read inputs of different widths")
-                found.append((full, members))
-    if not found:
-        raise ValueError(f"no module of {type(model).__name__} has all of {groups} as LoRALinear children")
-    for _, members in found:
-        group = ProjectionGroup(members)
-        for i, m in enumerate(members):
-            m._projection_group = (group, i)
-            m.__class__ = GroupedLoRALinear
-    return [full for full, _ in found]
+def _peft_spec(layer) -> _Spec | str | None:
+    from .peft.layers import _scale_args, dropout_p
+
+    if layer.disable_adapters:
+        return "adapters are disabled"
+    if layer.merged:
+        return "an adapter is merged"
+    active = [n for n in layer.active_adapters if n in layer.lora_A]
+    if not active:
+        return None  # passive: computes its base output, draws nothing
+    if len(active) > 1:
+        return f"{len(active)} active adapters"
+    name = active[0]
+    if layer.lora_variant.get(name) is not None:
+        return f"adapter {name!r} is a PEFT variant ({type(layer.lora_variant[name]).__name__}, e.g. DoRA)"
+    if layer.lora_bias.get(name, False):
+        return f"adapter {name!r} has lora_bias"
+    try:
+        p = dropout_p(layer.lora_dropout[name])
+    except TypeError as exc:
+        return str(exc)
+    base = layer.get_base_layer()
+    weight = base.weight.t() if layer.fan_in_fan_out else base.weight
+    reason = _frozen_reason(base.weight, base.bias)
+    if reason is not None:
+        return reason
+    try:
+        b, scale = _scale_args(layer.scaling[name], layer.lora_B[name].weight)
+    except TypeError as exc:
+        return str(exc)
+    return _Spec(weight, base.bias, layer.lora_A[name].weight, b, scale, p if layer.training else 0.0, None)
 
 
-def ungroup_projections(model: nn.Module) -> int:
+def _member_kind(module) -> str | None:
+    """'lora' (our LoRALinear), 'peft' (a converted PEFT lora.Linear) or None (cannot be a member)."""
+    if type(module) is LoRALinear:
+        return "lora"
+    if type(module).__name__ == "Linear" and type(module).__module__ == "lora_kernels.peft.layers":
+        return "peft"
+    return None
+
+
+def _draws_nothing(module) -> bool:
+    """A child that may sit between members ungrouped: a plain torch Linear (no adapter, no RNG)."""
+    return type(module) is nn.Linear
+
+
+def _specs_reason(specs) -> str | None:
+    specs = [s for s in specs if s is not None]
+    if len(specs) < 2:
+        return "fewer than two members have an active adapter"
+    if len({s.p for s in specs}) != 1:
+        return f"the members' dropout rates differ ({sorted({s.p for s in specs})})"
+    if len({s.backend for s in specs}) != 1:
+        return "the members' backends differ"
+    return None
+
+
+def _reason_for_x(x, specs) -> str | None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.numel() == 0:
+        return "the input is not a non-empty floating-point tensor"
+    from torch.autograd import forward_ad
+
+    if getattr(forward_ad, "_current_level", -1) >= 0 or torch._C._are_functorch_transforms_active():
+        return "forward-mode AD or a functorch transform is active"
+    return _specs_reason(specs)
+
+
+# ------------------------------------------------------------------------------------------------
+# the group
+
+
+def _next_active(specs, i: int) -> int:
+    """The first index ≥ i of a member that is not passive (len(specs) if none)."""
+    while i < len(specs) and specs[i] is None:
+        i += 1
+    return i
+
+
+class _Session:
+    __slots__ = ("cache",)
+
+    def __init__(self):
+        self.cache = None  # [x, x._version or None, outputs, next index to serve, specs]
+
+
+class ProjectionGroup:
+    """Members of one parent that read the same input (see the module docstring)."""
+
+    def __init__(self, parent_name: str, names: list[str], members: list[nn.Module], kind: str):
+        self.parent_name = parent_name
+        self.names = list(names)
+        self.members = list(members)
+        self.kind = kind
+        self.stopped: str | None = None  # why the safety net switched the group off
+        self._live: dict[int, _Session] = {}  # thread id -> the session of the parent's running forward
+
+    def __getstate__(self):  # copies and pickles start without a running session
+        state = self.__dict__.copy()
+        state["_live"] = {}
+        return state
+
+    @property
+    def full_names(self) -> list[str]:
+        return [f"{self.parent_name}.{n}" if self.parent_name else n for n in self.names]
+
+    # -- sessions (the parent's hooks) --
+    def begin(self) -> None:
+        self._live[threading.get_ident()] = _Session()
+
+    def end(self, failed: bool = False) -> None:
+        s = self._live.pop(threading.get_ident(), None)
+        if s is not None and s.cache is not None and not failed:
+            unused = [self.names[i] for i in range(s.cache[3], len(self.members)) if s.cache[4][i] is not None]
+            self._stop(f"{unused} were computed by the group but never called in the parent's forward")
+
+    def _stop(self, why: str) -> None:
+        if self.stopped is None:
+            self.stopped = why
+            warnings.warn(f"lora_kernels projection group {self.full_names}: {why}; the group is switched off "
+                          "(each member computes its own output from now on; results stay correct)", RuntimeWarning,
+                          stacklevel=4)
+
+    # -- state --
+    def _spec(self, member):
+        return _lora_spec(member) if self.kind == "lora" else _peft_spec(member)
+
+    def specs(self) -> list[_Spec | None] | str:
+        """Every member's spec (None: passive, no active adapter in this layer: it computes its base
+        output alone, drawing no seed), or the first reason one of them cannot join."""
+        out = []
+        for name, m in zip(self.names, self.members):
+            s = self._spec(m)
+            if isinstance(s, str):
+                return f"{name}: {s}"
+            out.append(s)
+        return out
+
+    def why_not(self) -> str | None:
+        """None if the group computes its members' next forward (input-dependent conditions aside)."""
+        if self.stopped is not None:
+            return f"switched off: {self.stopped}"
+        specs = self.specs()
+        return specs if isinstance(specs, str) else _specs_reason(specs)
+
+    # -- the member call --
+    def output(self, index: int, x, args=(), kwargs=None):
+        """Member ``index``'s output from the group, or None: the member runs its own path."""
+        if self.stopped is not None or args or kwargs:
+            return None
+        s = self._live.get(threading.get_ident())
+        if s is None:  # not inside the parent's forward
+            return None
+        c = s.cache
+        if c is not None and c[4][index] is None:
+            return None  # a passive member: its own base output, the group's cache untouched
+        if c is not None:
+            if index == c[3] and c[0] is x and (c[1] is None or c[1] == x._version):
+                spec = self._spec(self.members[index])
+                old = c[4][index]
+                if not isinstance(spec, _Spec) or spec.a is not old.a or spec.p != old.p or spec.scale != old.scale:
+                    s.cache = None  # the member changed (merged, adapter switched ...) since the group ran
+                    self._stop(f"{self.names[index]} changed state between the group's run and its call")
+                    return None
+                y = c[2][index]
+                c[2][index] = None
+                c[3] = _next_active(c[4], index + 1)
+                if c[3] == len(self.members):
+                    s.cache = None
+                return y
+            s.cache = None
+            if index > c[3] or c[0] is not x or (c[1] is not None and c[1] != x._version):
+                self._stop(f"{self.names[index]} was called with another tensor than {self.names[0]} (or after an "
+                           "in-place change of it), or out of order")
+            else:
+                self._stop(f"{self.names[index]} was called twice")
+            return None
+        if index != 0:
+            return None  # only the first member starts the group; any other computes only its own output
+        specs = self.specs()
+        if isinstance(specs, str) or _reason_for_x(x, specs) is not None:
+            return None
+        return self._run(s, x, specs)
+
+    def _run(self, session, x, specs):
+        from .functional import _autocast
+        from .functions import _autocast_off
+
+        ws, bs, a_s, b_s = [], [], [], []
+        xc = x
+        active = [sp for sp in specs if sp is not None]
+        for sp in active:
+            xc, w, a, b, bias = _autocast(x, sp.weight, sp.a, sp.b, sp.bias)
+            if w.dtype != xc.dtype or w.device != xc.device:
+                return None  # the member's own path raises its clear error, or casts as PEFT does
+            ws.append(w)
+            a_s.append(a if a.dtype == xc.dtype else a.to(xc.dtype))
+            b_s.append(b if b.dtype == xc.dtype else b.to(xc.dtype))
+            bs.append(None if bias is None else (bias if bias.dtype == xc.dtype else bias.to(xc.dtype)))
+        p = active[0].p
+        seeds = [draw_seed() for _ in active] if p > 0.0 else [0] * len(active)  # member order, as separate layers
+        with contextlib.ExitStack() as stack:
+            if self.kind == "lora":
+                for m in self.members:
+                    stack.enter_context(m._reading())
+            GROUP_CALLS["count"] += 1
+            with _autocast_off(xc.device):
+                ys = _group_forward(xc, ws, bs, a_s, b_s, [sp.scale for sp in active], p, seeds, active[0].backend)
+        outputs = iter(ys)
+        ys = [None if sp is None else next(outputs) for sp in specs]
+        version = None if x.is_inference() else x._version
+        nxt = _next_active(specs, 1)
+        session.cache = [x, version, ys, nxt, specs] if nxt < len(specs) else None
+        return ys[0]  # None for a passive first member: it computes its base output itself
+
+
+# ------------------------------------------------------------------------------------------------
+# parents: hooks that open and close a session around the parent's forward
+
+
+def _begin(module, args):
+    if _compiling():
+        return
+    for g in module.__dict__.get(_PARENT_ATTR, ()):
+        g.begin()
+
+
+def _end(module, args, output):
+    if _compiling():
+        return
+    failed = sys.exc_info()[0] is not None  # called by torch while the forward's exception propagates
+    for g in module.__dict__.get(_PARENT_ATTR, ()):
+        g.end(failed)
+
+
+def _attach(parent: nn.Module, group: ProjectionGroup) -> None:
+    groups = parent.__dict__.get(_PARENT_ATTR)
+    if groups is None:
+        parent.__dict__[_PARENT_ATTR] = groups = []
+        parent.register_forward_pre_hook(_begin)
+        parent.register_forward_hook(_end, always_call=True)
+    groups.append(group)
+    for i, m in enumerate(group.members):
+        m.__dict__[_ATTR] = (group, i)
+
+
+def _detach(parent: nn.Module) -> int:
+    """Remove every group of ``parent``; returns the number of members released."""
+    groups = parent.__dict__.pop(_PARENT_ATTR, None)
+    if groups is None:
+        return 0
+    for hooks in (parent._forward_pre_hooks, parent._forward_hooks):
+        for key in [k for k, f in hooks.items() if f is _begin or f is _end]:
+            del hooks[key]
+            parent._forward_hooks_always_called.pop(key, None)
     n = 0
-    for m in model.modules():
-        if getattr(type(m), "_lora_kernels_grouped", False):
-            m.__class__ = LoRALinear
-            del m._projection_group
-            n += 1
+    for g in groups:
+        for m in g.members:
+            if m.__dict__.get(_ATTR, (None,))[0] is g:
+                del m.__dict__[_ATTR]
+                n += 1
     return n
 
 
-__all__ = ["DEFAULT_GROUPS", "GroupedLoRALinear", "ProjectionGroup", "group_projections", "grouped_lora_linear",
-           "ungroup_projections"]
+def _members_of(parent: nn.Module, names) -> tuple[list[str], list[nn.Module], str] | None:
+    """The children of ``parent`` among ``names`` that can be members (≥ 2 of one kind, the others
+    plain Linear layers or absent), else None."""
+    found, kinds = [], set()
+    for n in names:
+        child = parent._modules.get(n)
+        if child is None:
+            continue
+        kind = _member_kind(child)
+        if kind is not None:
+            found.append((n, child))
+            kinds.add(kind)
+        elif not _draws_nothing(child):
+            return None  # e.g. a QLoRA or unconverted PEFT layer between members: it draws its own seed
+    if len(found) < 2 or len(kinds) != 1:
+        return None
+    members = [m for _, m in found]
+    widths = {_in_features(m) for m in members}
+    if len(widths) != 1:
+        return None
+    return [n for n, _ in found], members, kinds.pop()
+
+
+def _in_features(layer) -> int:
+    if isinstance(layer, LoRALinear):
+        return layer.in_features
+    w = layer.get_base_layer().weight
+    return w.shape[0] if layer.fan_in_fan_out else w.shape[1]
+
+
+def _is_known_parent(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ in KNOWN_PARENTS and cls.__module__.startswith("transformers.")
+
+
+def _apply(model: nn.Module, groups, known_only: bool, add: bool = True) -> list[ProjectionGroup]:
+    """(Re)build the groups of every eligible parent; existing identical groups are kept, groups whose
+    members changed are dissolved (and rebuilt only when ``add``)."""
+    out = []
+    for parent_name, parent in model.named_modules():
+        if known_only:
+            if not _is_known_parent(parent):
+                continue
+            candidates = [KNOWN_PARENTS[type(parent).__name__]]
+        else:
+            candidates = list(groups)
+        wanted = []
+        for names in candidates:
+            found = _members_of(parent, names)
+            if found is not None:
+                wanted.append(found)
+        existing = parent.__dict__.get(_PARENT_ATTR, [])
+        if not wanted:
+            if known_only and existing:  # the members changed (e.g. handed back to PEFT): no group left
+                _detach(parent)
+            continue
+        if [(g.names, g.members) for g in existing] == [(n, m) for n, m, _ in wanted] and \
+                all(m.__dict__.get(_ATTR, (None,))[0] is g for g in existing for m in g.members):
+            out += existing
+            continue
+        if existing:
+            _detach(parent)
+        if not add:
+            continue
+        for names, members, kind in wanted:
+            for m in members:  # a member grouped under another parent (shared module): leave it
+                held = m.__dict__.get(_ATTR)
+                if held is not None:
+                    break
+            else:
+                g = ProjectionGroup(parent_name, names, members, kind)
+                _attach(parent, g)
+                out.append(g)
+    return out
+
+
+def apply_default_groups(model: nn.Module) -> list[ProjectionGroup]:
+    """What ``inject`` / ``convert`` run: group q/k/v and gate/up under the known parent classes."""
+    return _apply(model, DEFAULT_GROUPS, known_only=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# public API
+
+
+def group_projections(model: nn.Module, groups=DEFAULT_GROUPS) -> list[list[str]]:
+    """Group the children named in ``groups`` (tuples of child names, in the order the parent's forward
+    calls them on ONE tensor) under every module that has at least two of them as LoRA layers, whatever
+    the parent's class (``inject`` / ``convert`` group only :data:`KNOWN_PARENTS`). Returns the groups
+    (full member names), including those already in place. Members keep their class and state dict."""
+    if isinstance(groups, (str, bytes)) or not all(isinstance(g, (tuple, list)) and len(g) >= 2 and
+                                                   all(isinstance(n, str) for n in g) for g in groups):
+        raise TypeError(f"groups must be a sequence of tuples of ≥ 2 child names, got {groups!r}")
+    made = _apply(model, groups, known_only=False)
+    if not made:
+        raise ValueError(f"no module of {type(model).__name__} has two or more of {tuple(groups)} as LoRALinear "
+                         "(or converted PEFT lora.Linear) children")
+    return [g.full_names for g in made]
+
+
+def ungroup_projections(model: nn.Module) -> int:
+    """Remove every projection group from ``model``; returns the number of members released."""
+    return sum(_detach(m) for m in model.modules())
+
+
+def projection_groups(model: nn.Module) -> list[dict]:
+    """The model's projection groups: ``{"members": [full names], "kind": "lora" | "peft",
+    "applies": bool, "reason": why not (None when it applies)}``; "applies" is for a forward in the
+    model's current state (train/eval, adapters, merge ...); input-dependent conditions (dtype,
+    autocast, torch.compile) are in docs/projection-groups.md."""
+    out = []
+    for m in model.modules():
+        for g in m.__dict__.get(_PARENT_ATTR, ()):
+            why = g.why_not()
+            out.append({"members": g.full_names, "kind": g.kind, "applies": why is None, "reason": why})
+    return out
+
+
+__all__ = ["DEFAULT_GROUPS", "GROUP_CALLS", "KNOWN_PARENTS", "ProjectionGroup", "apply_default_groups",
+           "group_projections", "projection_groups", "ungroup_projections"]

@@ -236,7 +236,7 @@ def _check_adapter_name(adapter_name) -> None:
 
 
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", backend: str | None = None,
-           quantize: str | None = None) -> list[str]:
+           quantize: str | None = None, group_projections: bool | None = None) -> list[str]:
     """Add adapter ``adapter_name`` to the modules ``config`` targets; return their names.
 
     A plain Linear / Conv1D / Embedding is replaced by a LoRA layer wrapping it (frozen); a module
@@ -250,7 +250,15 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
     ``quantize``: 'nf4' | 'fp4' quantises the targeted Linear layers to 4 bits first (QLoRA, bitsandbytes'
     format, blocksize 64, nested statistics; see lora_kernels.qlora_layers). Layers that already are
     4-bit (ours or bitsandbytes' Linear4bit) are adapted as they are, with or without this argument.
+
+    ``group_projections`` (None: ``config.group_projections``, True by default): then group the
+    adapted q/k/v and gate/up projections of known Llama-style attention / MLP classes into
+    shared-input projection groups (lora_kernels.groups; docs/projection-groups.md). False adds no
+    group (groups already in the model stay, except those whose members this call changed, which are
+    dissolved; ``lora_kernels.ungroup_projections`` removes them all).
     """
+    if group_projections is not None and not isinstance(group_projections, bool):
+        raise TypeError(f"group_projections must be a bool or None, got {group_projections!r}")
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a lora_kernels.LoraConfig, got {type(config).__name__}")
     _check_adapter_name(adapter_name)
@@ -283,6 +291,10 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
         _finish_adding(model, previous, adapter_name)
     from .multi.glue import enable_adapter_names
     enable_adapter_names(model)  # model(..., adapter_names=[...]) and generate(..., adapter_names=[...])
+    from .groups import _apply
+    # add groups (or, opted out, only dissolve those whose members this call changed)
+    _apply(model, (), known_only=True,
+           add=config.group_projections if group_projections is None else group_projections)
     return names
 
 
@@ -484,6 +496,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapters (those not merged yet) and put the plain base modules back (no LoRA
     layer is left)."""
     _merge_checked(model, safe=False, allow_none=True)
+    from .groups import ungroup_projections
+    ungroup_projections(model)  # no LoRA layer is left to group
     for name, layer in lora_layers(model).items():
         _set_module(model, name, layer.base_layer)
     if hasattr(model, "lora_configs"):
@@ -721,14 +735,16 @@ def _config_from_peft(peft_cfg: dict, modules: list[str], path: str) -> LoraConf
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
-                 backend: str | None = None) -> list[str]:
+                 backend: str | None = None, group_projections: bool = True) -> list[str]:
     """Load an adapter saved by :func:`save_adapter` or by PEFT (``save_pretrained``) into ``model``.
 
     Every file, key, shape and rank is checked before the model is touched; on any error the model
     is left exactly as it was (weights, requires_grad, modules, flags). PEFT config keys that change
     the maths are applied or refused by name (docs/guarantees.md). Returns the adapted module names.
-    Tensors are cast to the layers' dtype.
+    Tensors are cast to the layers' dtype. ``group_projections``: as for :func:`inject`.
     """
+    if not isinstance(group_projections, bool):
+        raise TypeError(f"group_projections must be a bool, got {group_projections!r}")
     _check_adapter_name(adapter_name)
     peft_cfg, tensors, sidecar, cfg_path = _read_adapter_files(directory)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
@@ -866,6 +882,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         _finish_adding(model, previous, adapter_name)
     from .multi.glue import enable_adapter_names
     enable_adapter_names(model)  # model(..., adapter_names=[...]) and generate(..., adapter_names=[...])
+    from .groups import _apply
+    _apply(model, (), known_only=True, add=group_projections)
     return sorted(plan)
 
 

@@ -1,105 +1,624 @@
-"""Shared-input projection groups (lora_kernels/groups.py, torch-backend prototype): outputs and
-gradients equal the ungrouped layers' under the same seeds; one grouped op per group; state dict and
-module names unchanged; refusals."""
+"""Shared-input projection groups (lora_kernels/groups.py), applied by inject / load_adapter / convert:
+a grouped model equals the opted-out (ungrouped) one under the same torch RNG state — outputs,
+gradients, losses — in every state a LoRA model has; one grouped op per group and forward; module
+names and state dict unchanged; the group steps aside where it cannot apply, and its safety net
+keeps cross-attention-like callers correct."""
 import copy
+import io
+import warnings
 
 import pytest
 import torch
+import transformers
+from torch import nn
 
 import lora_kernels as lk
 from lora_kernels import groups
+from lora_kernels.multi.glue import adapter_names_context
 from tests.models import tiny_llama, tokens
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LLAMA_GROUPS = [[f"model.layers.{i}.{p}.{n}" for n in names]
+                for i in range(2) for p, names in (("self_attn", ("q_proj", "k_proj", "v_proj")),
+                                                   ("mlp", ("gate_proj", "up_proj")))]
 
 
-def _pair(dropout, seed=0):
-    model = tiny_llama(seed).train()
-    lk.inject(model, lk.LoraConfig(rank=4, alpha=8, dropout=dropout, target_modules=TARGETS))
+def _tiny(family, seed=0, layers=2):
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64)
+    if family == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
+    if family == "qwen2":  # q/k/v with biases
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw)).eval()
+    if family == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**kw)).eval()
+    raise ValueError(family)
+
+
+def _randomize(model, seed=7):
     with torch.no_grad():  # B away from zero so every gradient is non-trivial
-        g = torch.Generator().manual_seed(7)
+        g = torch.Generator().manual_seed(seed)
         for layer in lk.model.lora_layers(model).values():
-            layer.lora_B.copy_(0.3 * torch.randn(layer.lora_B.shape, generator=g))
-    grouped = copy.deepcopy(model)
-    made = groups.group_projections(grouped)
-    return model, grouped, made
+            for a in layer.adapters.values():
+                a.lora_B.copy_(0.3 * torch.randn(a.lora_B.shape, generator=g))
+
+
+def _pair(dropout, family="llama", layers=2, backend=None, **cfg):
+    """(ungrouped, grouped): the same base, adapters and weights; only the opt-out differs."""
+    grouped = _tiny(family, layers=layers).train()
+    lk.inject(grouped, lk.LoraConfig(rank=4, alpha=8, dropout=dropout, target_modules=TARGETS, **cfg), backend=backend)
+    _randomize(grouped)
+    plain = _tiny(family, layers=layers).train()
+    lk.inject(plain, lk.LoraConfig(rank=4, alpha=8, dropout=dropout, target_modules=TARGETS, group_projections=False,
+                                   **cfg), backend=backend)
+    plain.load_state_dict(grouped.state_dict())
+    return plain, grouped
 
 
 def _step(model, ids, seed):
     torch.manual_seed(seed)
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
+    model = getattr(model, "_orig_mod", model)  # a compiled model's parameters, by their own names
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return out.logits.detach(), grads
+    model.zero_grad(set_to_none=True)
+    return out.loss.detach(), out.logits.detach(), grads
 
 
+def _assert_same(a, b, rtol=1e-5, atol=1e-6):
+    (la, ya, ga), (lb, yb, gb) = a, b
+    torch.testing.assert_close(lb, la, rtol=rtol, atol=atol)
+    torch.testing.assert_close(yb, ya, rtol=rtol, atol=atol)
+    assert ga.keys() == gb.keys() and ga
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def _calls():
+    return groups.GROUP_CALLS["count"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_grouped_equals_separate_layers(dropout):
-    model, grouped, made = _pair(dropout)
-    assert made == [[f"model.layers.{i}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")] if j == 0 else
-                    [f"model.layers.{i}.mlp.{n}" for n in ("gate_proj", "up_proj")]
-                    for i in range(2) for j in range(2)]
-    assert list(model.state_dict()) == list(grouped.state_dict())
+def test_inject_groups_by_default_and_equals_the_opt_out(family, dropout):
+    plain, grouped = _pair(dropout, family)
+    made = lk.projection_groups(grouped)
+    assert [g["members"] for g in made] == LLAMA_GROUPS
+    assert all(g["applies"] and g["reason"] is None and g["kind"] == "lora" for g in made)
+    assert lk.projection_groups(plain) == []
+    assert list(plain.state_dict()) == list(grouped.state_dict())
+    assert [n for n, _ in plain.named_modules()] == [n for n, _ in grouped.named_modules()]
+    assert {type(m) for m in grouped.modules()} == {type(m) for m in plain.modules()}
     ids = tokens(batch=2, seq=12)
-    before = groups.GROUP_CALLS["count"]
-    y_sep, g_sep = _step(model, ids, seed=11)
-    y_grp, g_grp = _step(grouped, ids, seed=11)
-    assert groups.GROUP_CALLS["count"] - before == 4  # 2 layers x (q/k/v, gate/up): one op per group
-    torch.testing.assert_close(y_grp, y_sep, rtol=1e-5, atol=1e-5)
-    assert g_sep.keys() == g_grp.keys()
-    for n in g_sep:
-        torch.testing.assert_close(g_grp[n], g_sep[n], rtol=1e-4, atol=1e-6, msg=n)
-    if dropout:  # a different seed gives different masks: the equality above is not trivial
-        y_other, _ = _step(grouped, ids, seed=12)
-        assert (y_other - y_sep).abs().max() > 1e-4
+    before = _calls()
+    ref = _step(plain, ids, seed=11)
+    assert _calls() == before
+    got = _step(grouped, ids, seed=11)
+    assert _calls() - before == 4  # 2 layers x (q/k/v, gate/up): one op per group and forward
+    _assert_same(ref, got)
+    if dropout:  # another RNG state gives other masks: the equality above is not trivial
+        assert (_step(grouped, ids, seed=12)[1] - got[1]).abs().max() > 1e-4
+        # the RNG is left where the separate layers leave it: the next draws agree too
+        torch.manual_seed(5)
+        plain(input_ids=ids)
+        after_plain = torch.randint(0, 2**62, (1,))
+        torch.manual_seed(5)
+        grouped(input_ids=ids)
+        assert torch.equal(torch.randint(0, 2**62, (1,)), after_plain)
 
 
-def test_partial_use_and_gradient_of_x():
-    """Only some members' outputs used: the others get no gradient; dx still sums the used members."""
-    torch.manual_seed(0)
-    model, grouped, _ = _pair(0.2)
-    sep = [getattr(model.model.layers[0].self_attn, n) for n in ("q_proj", "k_proj", "v_proj")]
-    grp = [getattr(grouped.model.layers[0].self_attn, n) for n in ("q_proj", "k_proj", "v_proj")]
-    x1 = torch.randn(3, 5, 32, requires_grad=True)
-    x2 = x1.detach().clone().requires_grad_(True)
-    torch.manual_seed(3)
-    ys = [m(x1) for m in sep]
-    torch.manual_seed(3)
-    yg = [m(x2) for m in grp]
-    w = torch.randn_like(ys[0])
-    ((ys[0] * w).sum() + ys[2].sum()).backward()
-    ((yg[0] * w).sum() + yg[2].sum()).backward()
-    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-6)
-    for a, b in zip(sep, grp):
-        if a.lora_A.grad is None:
-            assert b.lora_A.grad is None or b.lora_A.grad.abs().max() == 0
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_training_steps_and_gradient_checkpointing_match(reentrant):
+    """Checkpointed training, 3 AdamW steps: the recomputed forward re-draws the same seeds (torch
+    restores the CPU RNG state), so the group recomputes exactly what the separate layers would."""
+    plain, grouped = _pair(0.2, layers=1)
+    ids = tokens(batch=2, seq=10)
+    for model in (plain, grouped):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        if reentrant:
+            model.enable_input_require_grads()
+    losses = {}
+    for name, model in (("plain", plain), ("grouped", grouped)):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses[name] = []
+        for step in range(3):
+            torch.manual_seed(100 + step)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[name].append(loss.item())
+    assert losses["grouped"] == pytest.approx(losses["plain"], rel=1e-6)
+    assert losses["grouped"][-1] < losses["grouped"][0]
+    for (n, p), (_, q) in zip(plain.named_parameters(), grouped.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_no_session_or_cache_outlives_the_forward():
+    _, grouped = _pair(0.1, layers=1)
+    gs = [g for m in grouped.modules() for g in m.__dict__.get("_lk_projection_groups", ())]
+    assert len(gs) == 2
+    ids = tokens(batch=1, seq=6)
+    grouped(input_ids=ids)
+    assert all(g._live == {} for g in gs)
+    # an exception inside the parent's forward still closes the session (always-called hook)
+    attn = grouped.model.layers[0].self_attn
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    hook = attn.k_proj.register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        grouped(input_ids=ids)
+    hook.remove()
+    assert all(g._live == {} for g in gs)
+    assert all(g.stopped is None for g in gs)
+    # members called outside their parent's forward compute alone
+    before = _calls()
+    attn.q_proj(torch.randn(2, 32))
+    assert _calls() == before
+
+
+@pytest.mark.parametrize("how", ["merge", "disable", "dora_adapter", "several_active", "adapter_names",
+                                 "dropout_mismatch", "weight_trains", "eval"])
+def test_states_where_the_group_steps_aside_stay_exact(how):
+    plain, grouped = _pair(0.2, layers=1)
+    ids = tokens(batch=2, seq=8)
+    for model in (plain, grouped):
+        if how in ("dora_adapter", "several_active", "adapter_names"):
+            lk.inject(model, lk.LoraConfig(rank=2, alpha=4, dropout=0.2, target_modules=TARGETS,
+                                           use_dora=how == "dora_adapter",
+                                           group_projections=model is grouped), adapter_name="second")
+            _randomize(model, seed=9)
+            if model is grouped:
+                grouped.load_state_dict(plain.state_dict())  # the second adapters' A: same values
+        if how == "dropout_mismatch":
+            model.model.layers[0].self_attn.k_proj.active.dropout = 0.1
+        if how == "weight_trains":
+            model.model.layers[0].mlp.up_proj.weight.requires_grad_(True)
+        if how == "eval":
+            model.eval()
+
+    def run(model):
+        torch.manual_seed(3)
+        if how == "merge":
+            lk.merge(model)
+            with torch.no_grad():
+                return model(input_ids=ids).logits, None
+        if how == "disable":
+            with lk.adapters_disabled(model), torch.no_grad():
+                return model(input_ids=ids).logits, None
+        if how == "dora_adapter":
+            lk.set_adapter(model, "second")
+            y = model(input_ids=ids).logits
+        elif how == "several_active":
+            lk.set_adapter(model, ["default", "second"])
+            y = model(input_ids=ids).logits
+        elif how == "adapter_names":
+            with torch.no_grad(), adapter_names_context(model, ["second", "default"]):
+                return model(input_ids=ids).logits, None
         else:
-            torch.testing.assert_close(b.lora_A.grad, a.lora_A.grad, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(b.lora_B.grad, a.lora_B.grad, rtol=1e-5, atol=1e-6)
+            y = model(input_ids=ids).logits
+        y.pow(2).mean().backward()
+        return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    before = _calls()
+    y_ref, g_ref = run(plain)
+    mid = _calls()
+    y_grp, g_grp = run(grouped)
+    reports = lk.projection_groups(grouped)
+    if how in ("merge", "disable", "dora_adapter", "several_active"):
+        assert _calls() == mid
+    if how == "merge":
+        assert not reports[0]["applies"] and "merged" in reports[0]["reason"]
+    if how == "dora_adapter":
+        assert "DoRA" in reports[0]["reason"]
+    if how == "dropout_mismatch":  # attention steps aside, the MLP still groups
+        assert "dropout rates differ" in reports[0]["reason"] and reports[1]["applies"]
+        assert _calls() - mid == 1
+    if how == "weight_trains":
+        assert reports[0]["applies"] and "requires_grad" in reports[1]["reason"]
+        assert _calls() - mid == 1
+    if how in ("adapter_names", "eval"):
+        assert _calls() - mid == (0 if how == "adapter_names" else 2)
+    assert mid == before
+    torch.testing.assert_close(y_grp, y_ref, rtol=1e-5, atol=1e-6)
+    if g_ref is not None:
+        assert g_ref.keys() == g_grp.keys()
+        for n in g_ref:
+            torch.testing.assert_close(g_grp[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+    if how == "merge":
+        lk.unmerge(grouped)
+        lk.unmerge(plain)
+        assert lk.projection_groups(grouped)[0]["applies"]
+        _assert_same(_step(plain, ids, 4), _step(grouped, ids, 4))
 
 
-def test_merged_or_disabled_groups_compute_the_base_and_ungroup_restores():
-    model, grouped, _ = _pair(0.0)
-    model.eval()
-    grouped.eval()
+@pytest.mark.parametrize("kind", ["lora", "peft"])
+def test_a_member_without_an_active_adapter_is_passive(kind):
+    """Adapter "b" covers q and v only: with "b" active, k computes its base output alone (no seed)
+    and the group computes q and v; the RNG stays the separate layers'."""
+    if kind == "lora":
+        plain, grouped = _pair(0.3, layers=1)
+        for model in (plain, grouped):
+            lk.inject(model, lk.LoraConfig(rank=2, dropout=0.3, target_modules=["q_proj", "v_proj", "up_proj"]),
+                      adapter_name="b", group_projections=model is grouped)
+            _randomize(model, seed=4)
+        grouped.load_state_dict(plain.state_dict())
+        for model in (plain, grouped):
+            lk.set_adapter(model, "b")
+    else:
+        peft = pytest.importorskip("peft")
+        ref = _peft_llama(0.3).train()
+        ref.add_adapter("b", peft.LoraConfig(r=2, lora_dropout=0.3, target_modules=["q_proj", "v_proj", "up_proj"],
+                                             init_lora_weights=False))
+        ref.set_adapter("b")
+        plain, grouped = copy.deepcopy(ref), copy.deepcopy(ref)
+        lk.peft.convert(plain, group_projections=False)
+        lk.peft.convert(grouped)
+    reports = lk.projection_groups(grouped)
+    assert reports[0]["applies"], reports
+    assert reports[1]["reason"] == "fewer than two members have an active adapter"  # gate has none, up has
+    ids = tokens(batch=2, seq=8)
+    before = _calls()
+    got = _step(grouped, ids, seed=6)
+    assert _calls() - before == 1
+    _assert_same(_step(plain, ids, seed=6), got)
+
+
+def test_per_slice_member_steps_aside():
+    plain, grouped = _pair(0.2, layers=1, enable_lora={"k_proj": [True, False]})
+    reports = lk.projection_groups(grouped)
+    assert "k_proj: adapter 'default' is per-slice (enable_lora)" == reports[0]["reason"] and reports[1]["applies"]
+    ids = tokens(batch=2, seq=8)
+    before = _calls()
+    got = _step(grouped, ids, seed=3)
+    assert _calls() - before == 1
+    _assert_same(_step(plain, ids, seed=3), got)
+
+
+def test_save_load_round_trip_deepcopy_pickle_and_merge_and_unload(tmp_path):
+    plain, grouped = _pair(0.0, layers=1)
     ids = tokens(batch=1, seq=8)
-    with torch.no_grad(), lk.adapters_disabled(grouped), lk.adapters_disabled(model):
-        torch.testing.assert_close(grouped(input_ids=ids).logits, model(input_ids=ids).logits)
-    lk.merge(grouped)
     with torch.no_grad():
-        torch.testing.assert_close(grouped(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
-    lk.unmerge(grouped)
-    assert groups.ungroup_projections(grouped) == 10
-    assert not any(isinstance(m, groups.GroupedLoRALinear) for m in grouped.modules())
+        expected = plain(input_ids=ids).logits
+    lk.save_adapter(grouped, tmp_path / "a")
+    fresh = _tiny("llama", layers=1)
+    lk.load_adapter(fresh, tmp_path / "a")
+    assert len(lk.projection_groups(fresh)) == 2
+    opted_out = _tiny("llama", layers=1)
+    lk.load_adapter(opted_out, tmp_path / "a", group_projections=False)
+    assert lk.projection_groups(opted_out) == []
+    copied = copy.deepcopy(grouped)
+    for model in (fresh, copied):
+        model.eval()
+        assert list(model.state_dict()) == list(plain.state_dict())
+        gs = [g for m in model.modules() for g in m.__dict__.get("_lk_projection_groups", ())]
+        members = {id(m) for g in gs for m in g.members}
+        assert members <= {id(m) for m in model.modules()}  # the copy's own layers, not the original's
+        before = _calls()
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
+        assert _calls() - before == 2
+    lk.merge_and_unload(copied)
+    assert lk.projection_groups(copied) == []
+    with torch.no_grad():
+        torch.testing.assert_close(copied(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_refusals():
-    with pytest.raises(ValueError, match="no module of LlamaForCausalLM has all of"):
+def test_generate_in_eval_equals_the_opt_out():
+    plain, grouped = _pair(0.1, layers=1)
+    ids = tokens(batch=1, seq=5)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    out_plain = plain.eval().generate(ids, **kw)
+    before = _calls()
+    out_grouped = grouped.eval().generate(ids, **kw)
+    assert _calls() - before == 2 * 4  # one op per group per decoding step
+    assert torch.equal(out_grouped, out_plain)
+    with torch.inference_mode():  # inference tensors have no version counter: identity only
+        torch.testing.assert_close(grouped(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_threads_share_a_grouped_model():
+    """Sessions are per thread: concurrent forwards of one model each get their own members' outputs."""
+    import threading
+
+    plain, grouped = _pair(0.0, layers=1)
+    plain.eval()
+    grouped.eval()
+    inputs = [tokens(batch=1, seq=4 + i, seed=i) for i in range(6)]
+    with torch.no_grad():
+        expected = [plain(input_ids=ids).logits for ids in inputs]
+    got = [None] * len(inputs)
+
+    def work(indices):
+        with torch.no_grad():
+            for _ in range(3):
+                for i in indices:
+                    got[i] = grouped(input_ids=inputs[i]).logits
+
+    threads = [threading.Thread(target=work, args=(range(k, len(inputs), 2),)) for k in range(2)]
+    before = _calls()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert _calls() - before == 3 * len(inputs) * 2
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert all(g["applies"] for g in lk.projection_groups(grouped))  # no safety-net stop
+
+
+def test_autocast_bf16_equals_the_opt_out():
+    plain, grouped = _pair(0.2, layers=1)
+    ids = tokens(batch=2, seq=8)
+    outs = []
+    for model in (plain, grouped):
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(input_ids=ids).logits
+        y.float().pow(2).mean().backward()
+        outs.append((y.detach().float(), model.model.layers[0].self_attn.k_proj.lora_A.grad.clone()))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=5e-2, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# explicit groups on any parent, and the safety net
+
+
+class _Attn(nn.Module):
+    """q reads h; k and v read ``kv`` (cross-attention when kv is not h); ``use`` picks what is returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(16, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+
+    def forward(self, h, kv=None, partial=False):
+        kv = h if kv is None else kv
+        q, k, v = self.q_proj(h), self.k_proj(kv), self.v_proj(kv)
+        return q[..., :8].sum(1) * 2 + v.sum(1) if partial else q[..., :8].sum(1) * k.sum(1) + v.sum(1)
+
+
+def _attn_pair(dropout):
+    torch.manual_seed(0)
+    plain = _Attn().train()
+    lk.inject(plain, lk.LoraConfig(rank=4, alpha=8, dropout=dropout, target_modules=["q_proj", "k_proj", "v_proj"]))
+    assert lk.projection_groups(plain) == []  # not a known parent class: inject does not group it
+    _randomize(plain)
+    grouped = copy.deepcopy(plain)
+    assert groups.group_projections(grouped) == [["q_proj", "k_proj", "v_proj"]]
+    assert groups.group_projections(grouped) == [["q_proj", "k_proj", "v_proj"]]  # idempotent
+    return plain, grouped
+
+
+def _run(model, h, kv=None, partial=False, seed=3):
+    h = h.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    y = model(h, kv, partial)
+    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return y.detach(), h.grad, grads
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_explicit_group_on_any_parent_and_dx_accumulation(partial):
+    """Also when k's output is used by nothing (partial): no gradient for k, dx sums q and v."""
+    plain, grouped = _attn_pair(0.25)
+    buf = io.BytesIO()
+    torch.save(grouped, buf)  # the group pickles with its members
+    buf.seek(0)
+    grouped = torch.load(buf, weights_only=False)
+    h = torch.randn(3, 5, 16)
+    before = _calls()
+    for a, b in zip(_run(plain, h, partial=partial), _run(grouped, h, partial=partial)):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys()
+            for n in a:
+                torch.testing.assert_close(b[n], a[n], rtol=1e-5, atol=1e-6, msg=n)
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert _calls() - before == 1
+
+
+def test_cross_attention_stays_correct_and_switches_the_group_off():
+    plain, grouped = _attn_pair(0.25)
+    h, kv = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    g = grouped.__dict__["_lk_projection_groups"][0]
+    ref = _run(plain, h, kv)
+    with pytest.warns(RuntimeWarning, match="called with another tensor"):
+        got = _run(grouped, h, kv)
+    # outputs are those of the separate layers in distribution (k, v masks come from other draws),
+    # exactly so at p = 0; from now on the group is off and every member computes alone
+    assert g.stopped and "another tensor" in g.stopped
+    assert not lk.projection_groups(grouped)[0]["applies"]
+    before = _calls()
+    ref2, got2 = _run(plain, h, kv, seed=9), _run(grouped, h, kv, seed=9)
+    assert _calls() == before
+    for a, b in zip(ref2[:2], got2[:2]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    # at p = 0 the safety-net forward itself is exact
+    plain0, grouped0 = _attn_pair(0.0)
+    with pytest.warns(RuntimeWarning):
+        got0 = _run(grouped0, h, kv)
+    ref0 = _run(plain0, h, kv)
+    torch.testing.assert_close(got0[0], ref0[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got0[1], ref0[1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_non_first_member_without_a_cache_hit_computes_only_its_own_output():
+    _, grouped = _attn_pair(0.25)
+    before = _calls()
+    torch.manual_seed(0)
+    grouped.k_proj(torch.randn(2, 16))  # outside the parent: alone
+    state = torch.get_rng_state()
+    torch.manual_seed(0)
+    torch.randn(2, 16)
+    torch.randint(0, 2**62, (1,))  # exactly one seed drawn (k's own)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert _calls() == before
+
+
+@pytest.mark.parametrize("calls, message", [(("q_proj", "v_proj"), "out of order"),
+                                             (("q_proj",), "never called")])
+def test_skipped_members_switch_the_group_off_and_stay_exact(calls, message):
+    """A parent that skips k (v then comes out of order) or calls q only (k and v were computed for
+    nothing): RuntimeWarning, the group switches off, the outputs are the separate layers' (p = 0)."""
+    plain, grouped = _attn_pair(0.0)
+    h = torch.randn(2, 4, 16)
+
+    def only(model):
+        return lambda h, kv=None, partial=False: torch.cat([getattr(model, n)(h) for n in calls], -1)
+
+    plain.forward, grouped.forward = only(plain), only(grouped)
+    with torch.no_grad():
+        expected = plain(h)
+        with pytest.warns(RuntimeWarning, match=message):
+            got = grouped(h)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert message in grouped.__dict__["_lk_projection_groups"][0].stopped
+
+
+def _lm_loss(model):
+    """The loss through the decoder stack and head (the top model's adapter_names hook is not
+    traceable by torch 2.11's dynamo; the groups' hooks sit on the attention / MLP modules inside)."""
+    def f(ids):
+        logits = model.lm_head(model.model(input_ids=ids).last_hidden_state)
+        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return f
+
+
+def _loss_step(fn, model, ids, seed):
+    torch.manual_seed(seed)
+    loss = fn(ids)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def test_torch_compile_steps_aside_and_matches_eager():
+    torch._dynamo.reset()
+    plain, grouped = _pair(0.1, layers=1)
+    ids = tokens(batch=1, seq=8)
+    explanation = torch._dynamo.explain(_lm_loss(grouped))(ids)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(_lm_loss(grouped), backend="aot_eager", fullgraph=True)
+    before = _calls()
+    loss_c, grads_c = _loss_step(compiled, grouped, ids, seed=5)
+    assert _calls() == before  # traced: the members' own custom ops are in the graph
+    loss_e, grads_e = _loss_step(_lm_loss(plain), plain, ids, seed=5)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6)
+    assert grads_c.keys() == grads_e.keys()
+    for n in grads_e:
+        torch.testing.assert_close(grads_c[n], grads_e[n], rtol=1e-4, atol=1e-5, msg=n)
+    loss_g, _ = _loss_step(_lm_loss(grouped), grouped, ids, seed=5)  # eager again: grouped, same loss
+    assert _calls() - before == 2
+    torch.testing.assert_close(loss_g, loss_e, rtol=1e-6, atol=1e-6)
+    torch._dynamo.reset()
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["fused", "hybrid", "triton"])
+def test_triton_backends_in_the_interpreter_match_the_opt_out(backend, kernel_device, monkeypatch):
+    """The ungrouped model runs the Triton kernels (counted), the grouped one the group's op with the
+    same seeds: equal outputs and gradients (the dropout masks are one definition on every path)."""
+    from lora_kernels import triton_backend
+
+    plain, grouped = (m.to(kernel_device) for m in _pair(0.3, layers=1, backend=backend))
+    ids = tokens(batch=1, seq=6).to(kernel_device)
+    launches = {"n": 0}
+    real = triton_backend.lora_linear_fwd
+
+    def counted(*args, **kwargs):
+        launches["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_backend, "lora_linear_fwd", counted)
+    before = _calls()
+    got = _step(grouped, ids, seed=2)
+    assert _calls() - before == 2 and launches["n"] == 2  # o_proj and down_proj alone
+    ref = _step(plain, ids, seed=2)
+    assert launches["n"] == 2 + 7
+    _assert_same(ref, got, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# PEFT convert
+
+
+def _peft_llama(dropout):
+    peft = pytest.importorskip("peft")
+    base = _tiny("llama", layers=1)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS, init_lora_weights=False)
+    return peft.get_peft_model(base, cfg)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_converted_peft_model_is_grouped_and_equals_peft_and_the_opt_out(dropout):
+    ref = _peft_llama(dropout).train()
+    grouped, plain = copy.deepcopy(ref), copy.deepcopy(ref)
+    lk.peft.convert(grouped)
+    lk.peft.convert(plain, group_projections=False)
+    made = lk.projection_groups(grouped)
+    assert [g["members"] for g in made] == [["base_model.model." + n for n in g] for g in LLAMA_GROUPS[:2]]
+    assert all(g["kind"] == "peft" and g["applies"] for g in made)
+    assert lk.projection_groups(plain) == []
+    assert list(grouped.state_dict()) == list(ref.state_dict())
+    ids = tokens(batch=2, seq=8)
+    before = _calls()
+    got = _step(grouped, ids, seed=4)
+    assert _calls() - before == 2
+    _assert_same(_step(plain, ids, seed=4), got)
+    if dropout == 0.0:
+        _assert_same(_step(ref, ids, seed=4), got, rtol=1e-5, atol=1e-5)
+    # PEFT states: disabled, merged -> the group steps aside, results stay PEFT's
+    with grouped.disable_adapter(), ref.disable_adapter(), torch.no_grad():
+        torch.testing.assert_close(grouped(input_ids=ids).logits, ref(input_ids=ids).logits)
+    lk.peft.unconvert(grouped)
+    assert lk.projection_groups(grouped) == []
+    assert not any("_lk_group" in m.__dict__ for m in grouped.modules())
+
+
+def test_reconvert_hands_back_and_dissolves_the_group():
+    model = _peft_llama(0.0)
+    lk.peft.convert(model)
+    assert len(lk.projection_groups(model)) == 2
+    attn = model.base_model.model.model.layers[0].self_attn
+    attn.k_proj.lora_dropout["default"] = nn.AlphaDropout(0.1)  # not convertible: handed back to PEFT
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, skipped = lk.peft.convert(model)
+    assert any(n.endswith("self_attn.k_proj") for n in skipped)
+    # k_proj is now PEFT's own layer (it draws from the RNG) between q and v: no attention group
+    assert [g["members"][0].rsplit(".", 1)[1] for g in lk.projection_groups(model)] == ["gate_proj"]
+
+
+def test_refusals_and_options():
+    with pytest.raises(ValueError, match="no module of LlamaForCausalLM has two or more"):
         groups.group_projections(tiny_llama(0))
-    dora = tiny_llama(0)
-    lk.inject(dora, lk.LoraConfig(rank=4, use_dora=True, target_modules=TARGETS))
-    with pytest.raises(ValueError, match="DoRA"):
-        groups.group_projections(dora)
-    _, grouped, _ = _pair(0.0)
-    with pytest.raises(ValueError, match="already grouped"):
-        groups.group_projections(grouped)
+    with pytest.raises(TypeError, match="groups must be"):
+        groups.group_projections(tiny_llama(0), groups="q_proj")
+    with pytest.raises(TypeError, match="group_projections must be a bool"):
+        lk.LoraConfig(group_projections="yes")
+    with pytest.raises(TypeError, match="group_projections must be a bool"):
+        lk.inject(tiny_llama(0), lk.LoraConfig(target_modules=TARGETS), group_projections=1)
+    model = tiny_llama(0)
+    lk.inject(model, lk.LoraConfig(target_modules=TARGETS), group_projections=False)  # keyword beats config
+    assert lk.projection_groups(model) == []
+    assert groups.ungroup_projections(model) == 0
+    lk.inject(model, lk.LoraConfig(target_modules=TARGETS), adapter_name="b")  # a later inject groups
+    assert len(lk.projection_groups(model)) == 4
+    assert groups.ungroup_projections(model) == 10
+    assert lk.projection_groups(model) == []
+    # only q and v adapted (the family default): k is a plain Linear between them, which draws nothing
+    qv = tiny_llama(0)
+    lk.inject(qv, lk.LoraConfig(rank=4))
+    assert [g["members"][-1].rsplit(".", 1)[1] for g in lk.projection_groups(qv)] == ["v_proj", "v_proj"]
+    # adapting k later, opted out: a LoRA k between q and v would draw its own seed, so the q/v
+    # groups are dissolved, not left stale; opted in, q/k/v groups replace them
+    lk.inject(qv, lk.LoraConfig(rank=4, target_modules=["k_proj"]), adapter_name="k", group_projections=False)
+    assert lk.projection_groups(qv) == []
+    lk.inject(qv, lk.LoraConfig(rank=4, target_modules=["k_proj"]), adapter_name="k2")
+    assert [len(g["members"]) for g in lk.projection_groups(qv)] == [3, 3]

@@ -38,14 +38,21 @@ def _kind_reason(module) -> str:
             "(another tuner's layer, or a quantized or backend-specific base), PEFT's forward is kept")
 
 
-def convert(peft_model: nn.Module) -> tuple[list[str], dict[str, str]]:
+def convert(peft_model: nn.Module, group_projections: bool = True) -> tuple[list[str], dict[str, str]]:
     """Make every PEFT LoRA/DoRA Linear and LoRA Embedding of ``peft_model`` compute with lora_kernels, in place.
 
     Returns (names of the layers that now run on lora_kernels, {name: reason} for every other PEFT LoRA
     layer). Calling it again after adding adapters converts the new layers and hands back to PEFT any
     converted layer whose adapters are no longer supported (listed in ``skipped``). A model without any
     PEFT LoRA layer gives ([], {}) and a warning.
+
+    ``group_projections``: then group the converted q/k/v and gate/up layers of known Llama-style
+    attention / MLP classes into shared-input projection groups (lora_kernels.groups;
+    docs/projection-groups.md); False adds none (groups already made stay, except those with a member
+    handed back to PEFT here, which are dissolved).
     """
+    if not isinstance(group_projections, bool):
+        raise TypeError(f"group_projections must be a bool, got {group_projections!r}")
     LoraLayer, layers = _peft()
     ours = tuple(layers.CONVERTED.values())
     converted, skipped = [], {}
@@ -86,6 +93,9 @@ def convert(peft_model: nn.Module) -> tuple[list[str], dict[str, str]]:
         what = f"{len(skipped)} PEFT LoRA layers, none convertible" if skipped else "no PEFT LoRA layer"
         warnings.warn(f"lora_kernels.peft.convert: {type(peft_model).__name__} has {what}; nothing was converted",
                       stacklevel=2)
+    from ..groups import _apply
+    # add groups (or, opted out, only dissolve those whose members were handed back to PEFT above)
+    _apply(peft_model, (), known_only=True, add=group_projections)
     return converted, skipped
 
 
@@ -93,6 +103,8 @@ def unconvert(peft_model: nn.Module) -> None:
     """Undo :func:`convert` (PEFT's own forward again)."""
     _, layers = _peft()
     ours = tuple(layers.CONVERTED.values())
+    from ..groups import ungroup_projections
+    ungroup_projections(peft_model)  # PEFT's forward knows no group
     for module in peft_model.modules():
         if isinstance(module, ours) or "_lora_kernels_fused" in type(module).__dict__:  # dense, or QLoRA's
             module.__class__ = type(module).__mro__[1]

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..dora import dora_weight_norm_torch
 from ..functional import _AUTOCAST_DEVICE_TYPES, dora_linear, lora_linear
-from ..layers import is_conv1d
+from ..layers import _compiling, is_conv1d
 
 _HOW_TO_UNDO = "lora_kernels.peft.unconvert(model) gives the model PEFT's forward back"
 
@@ -170,6 +170,11 @@ class Linear(peft_lora.Linear):
     """PEFT's lora.Linear computing its forward with lora_kernels (see the module docstring)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        group = None if _compiling() else self.__dict__.get("_lk_group")  # lora_kernels.groups (eager only)
+        if group is not None:
+            y = group[0].output(group[1], x, args, kwargs)
+            if y is not None:
+                return y
         name, result = _peft_preamble(self, x, args, kwargs)
         if name is None:
             return result
