@@ -76,84 +76,16 @@ _PARENT_ATTR = "_lk_projection_groups"  # on a parent: [ProjectionGroup, ...]
 
 
 # ------------------------------------------------------------------------------------------------
-# the math op (the lead swaps its body for lora_kernels.grouped.grouped_lora at merge)
-
-
-class _GroupedLoRAFunction(torch.autograd.Function):
-    """tensors: (W_i, b_i or None, A_i, B_i) for each member, flattened; x is 2-D (M×K)."""
-
-    @staticmethod
-    def forward(ctx, x, dropout_p, seeds, scales, *tensors):
-        from .dropout import dropout_mask
-
-        n = len(scales)
-        ws, bs, a_s, b_s = tensors[0::4], tensors[1::4], tensors[2::4], tensors[3::4]
-        ranks = [a.shape[0] for a in a_s]
-        if dropout_p == 0.0:  # one shrink for the whole group: one read of x
-            us = list(torch.mm(x, torch.cat(a_s, 0).t()).split(ranks, dim=1))
-        else:
-            us = [torch.mm(x * dropout_mask(seeds[i], x.shape[0], x.shape[1], dropout_p, dtype=x.dtype,
-                                            device=x.device), a_s[i].t()) for i in range(n)]
-        ys = []
-        for i in range(n):
-            y = torch.addmm(bs[i], x, ws[i].t()) if bs[i] is not None else torch.mm(x, ws[i].t())
-            ys.append(y.addmm_(us[i], b_s[i].t(), alpha=scales[i]))
-        ctx.set_materialize_grads(False)  # an output nobody used: None, so its A/B get no gradient (as ungrouped)
-        ctx.save_for_backward(x, *ws, *a_s, *b_s, *us)
-        ctx.meta = (n, dropout_p, seeds, scales, [b is not None and b.requires_grad for b in bs])
-        return tuple(ys)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        from .dropout import dropout_mask
-        from .functions import _autocast_off
-
-        n, p, seeds, scales, bias_grad = ctx.meta
-        saved = ctx.saved_tensors
-        x, ws, a_s, b_s = saved[0], saved[1:1 + n], saved[1 + n:1 + 2 * n], saved[1 + 2 * n:1 + 3 * n]
-        us = saved[1 + 3 * n:]
-        dx = None
-        out = []
-        with _autocast_off(x.device):
-            for i, g in enumerate(grads):
-                if g is None:
-                    out += [None, None, None, None]
-                    continue
-                z = dropout_mask(seeds[i], x.shape[0], x.shape[1], p, dtype=x.dtype, device=x.device) if p > 0 else None
-                v = g @ b_s[i]
-                grad_b = torch.mm(g.t(), us[i]).mul_(scales[i])
-                grad_a = torch.mm(v.t(), x if z is None else x * z).mul_(scales[i])
-                if ctx.needs_input_grad[0]:
-                    if dx is None:
-                        dx = torch.mm(g, ws[i])
-                    else:
-                        dx.addmm_(g, ws[i])  # the members' dx accumulate in one buffer
-                    lora = v @ a_s[i]
-                    if z is not None:
-                        lora.mul_(z)
-                    dx.add_(lora, alpha=scales[i])
-                out += [None, g.sum(0) if bias_grad[i] else None, grad_a, grad_b]
-            if dx is None and ctx.needs_input_grad[0]:
-                dx = torch.zeros_like(x)
-        return (dx, None, None, None, *out)
+# the math op
 
 
 def _group_forward(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seeds, backend):
-    """[y_i] (..., N_i): y_i = x·W_iᵀ + b_i + s_i·((x ⊙ Z_i)·A_iᵀ)·B_iᵀ, Z_i the mask of seeds[i].
+    """[y_i] (..., N_i): y_i = x·W_iᵀ + b_i + s_i·((x ⊙ Z_i)·A_iᵀ)·B_iᵀ, Z_i the mask of seeds[i]:
+    :func:`lora_kernels.grouped.grouped_lora` (one grouped shrink launch on the Triton backends; it
+    refuses what the separate layers' explicit backends refuse)."""
+    from .grouped import grouped_lora
 
-    The contract of ``lora_kernels.grouped.grouped_lora``; for now torch ops for every backend
-    (the explicit Triton backends are still validated as the separate layers would be)."""
-    from .backends import resolve_backend
-
-    k = x.shape[-1]
-    x2d = x.reshape(-1, k)
-    for w, a in zip(weights, lora_as):
-        resolve_backend(backend, x2d, w.shape[0], a.shape[0])  # the separate path's refusals
-    tensors = []
-    for w, b, a, bb in zip(weights, biases, lora_as, lora_bs):
-        tensors += [w, b, a, bb]
-    ys = _GroupedLoRAFunction.apply(x2d, float(dropout_p), tuple(seeds), tuple(scales), *tensors)
-    return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
+    return grouped_lora(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seeds, backend=backend)
 
 
 # ------------------------------------------------------------------------------------------------
