@@ -189,6 +189,7 @@ def _setup_context(ctx, inputs, output):
     x, weights, biases, bias_members, lora_as, lora_bs, scales, dropout_p, seeds, impl, seed_tensor = inputs
     _, u = output
     n = len(weights)
+    ctx.set_materialize_grads(False)  # an output that reached no loss arrives as None (see _backward)
     ctx.save_for_backward(x, u, seed_tensor, *weights, *lora_as, *lora_bs)
     ctx.mark_non_differentiable(u)
     ctx.n, ctx.scales, ctx.dropout_p, ctx.seeds, ctx.impl = n, list(scales), dropout_p, list(seeds), impl
@@ -203,6 +204,11 @@ def _backward(ctx, grad_ys, _grad_u):
     weights, lora_as, lora_bs = rest[:n], rest[n:2 * n], rest[2 * n:]
     need_x = ctx.needs_input_grad[0]
     need_bias, need_a, need_b = ctx.need["bias"], ctx.need["a"], ctx.need["b"]
+    # a member whose output reached no loss gets no gradient (None, as a separate layer would), not zeros
+    used = [g is not None for g in grad_ys]
+    need_a = [need and use for need, use in zip(need_a, used)]
+    need_b = [need and use for need, use in zip(need_b, used)]
+    need_bias = [need and used[i] for i, need in zip(ctx.bias_members, need_bias)]
     grads = [g if g is not None else x.new_zeros((x.shape[0], w.shape[0])) for g, w in zip(grad_ys, weights)]
     grad_x, none = None, [None] * n
     grad_as = grad_bs = none
