@@ -5,20 +5,24 @@
 The maths is exactly that of the dense functions on the dequantised weight W = deq(Q) in x's
 (compute) dtype, on every backend:
 
-- ``torch``: W is dequantised by the plain-PyTorch dequantiser, then the torch backend runs;
-- ``fused`` / ``hybrid`` (Triton): W is dequantised by the Triton kernel
-  (:mod:`lora_kernels.kernels.dequant`), then the Triton backend runs with W as its weight (hybrid:
-  cuBLAS GEMMs + Triton LoRA kernels; fused: the Triton GEMMs with LoRA epilogues).
+- ``torch``: W is dequantised by the plain-PyTorch dequantiser (into the scratch buffer below),
+  then the torch backend runs;
+- ``fused`` (Triton): no dequantised W at all. The forward GEMM (x·Wᵀ + LoRA epilogue), the backward
+  dx GEMM (g·W + mask-aware LoRA epilogue) and DoRA's row norm decode each W tile in registers from
+  the packed 4-bit bytes inside their K / N loops (:func:`lora_kernels.kernels.dequant.load_w4`,
+  bitwise equal to the reference dequantiser in x's dtype); nothing N×K is allocated;
+- ``hybrid`` (Triton + cuBLAS): W is dequantised by the Triton kernel
+  (:mod:`lora_kernels.kernels.dequant`) into the scratch buffer, then cuBLAS GEMMs + the Triton LoRA
+  kernels run with W as their weight.
 
-In both cases W goes into a *scratch buffer* shared by all layers of a (device, dtype) and reused
-from call to call; it is never saved for backward: the backward dequantises again (one more pass
-over the 4-bit weight, about a quarter of the bytes of a bf16 weight read). Saved for backward:
-x, A, B, u (and DoRA's m, h, n), as for a dense weight; nothing N×K. There is no gradient for the
-4-bit weight (it is frozen by construction).
-
-Not done yet: dequantisation inside the GEMM's K loop (no N×K scratch at all) — that needs the
-GEMM kernels being restructured in issue 13. The scratch buffer is not safe for concurrent use from
-several CUDA streams or threads (each call fills it, then consumes it, in stream order).
+The scratch buffer (torch and hybrid) is shared by all layers of a (device, dtype, CUDA stream) and
+reused from call to call; it is never saved for backward: the backward dequantises again (one more
+pass over the 4-bit weight, about a quarter of the bytes of a bf16 weight read). Keyed by the
+current CUDA stream, so layers running on different streams never share one; two *threads* on
+one stream (or on a CPU) must not run 4-bit layers concurrently on the scratch paths (each call
+fills the buffer, then consumes it, in stream order). The fused path has no scratch and no such limit.
+Saved for backward: x, A, B, u (and DoRA's m, h, n), as for a dense weight; nothing N×K. There is no
+gradient for the 4-bit weight (it is frozen by construction).
 """
 from __future__ import annotations
 
@@ -30,9 +34,17 @@ from .quant.format import QuantizedWeight
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
+def _stream_key(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.current_stream(device).cuda_stream
+    return None
+
+
 def scratch_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A flat buffer of at least ``numel`` elements for (device, dtype), grown when needed, reused."""
-    key = (torch.device(device), dtype)
+    """A flat buffer of at least ``numel`` elements for (device, dtype, current CUDA stream), grown when
+    needed, reused."""
+    device = torch.device(device)
+    key = (device, dtype, _stream_key(device))
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < numel:
         _SCRATCH.pop(key, None)  # free the smaller one first
@@ -44,6 +56,17 @@ def scratch_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torc
 def release_scratch() -> None:
     """Free the scratch buffers (e.g. before merging or after training)."""
     _SCRATCH.clear()
+
+
+def fused_decodes(impl: str, dtype: torch.dtype) -> bool:
+    """Whether the kernels of ``impl`` decode the 4-bit weight themselves (the fused path)."""
+    return impl == "fused" and dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def weight_for(qw: QuantizedWeight, dtype: torch.dtype, impl: str):
+    """What the backend gets as its weight: ``qw`` itself on the fused path (decoded in the GEMMs),
+    else W dequantised into the scratch buffer."""
+    return qw if fused_decodes(impl, dtype) else dequantize_weight(qw, dtype, impl)
 
 
 def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype, impl: str) -> torch.Tensor:
@@ -88,7 +111,7 @@ class _QLoraLinear(torch.autograd.Function):
         module, kw = _backend(impl)
         seed = _seed_value(seed, seed_tensor)
         with _autocast_off(x.device):
-            w = dequantize_weight(qw, x.dtype, impl)
+            w = weight_for(qw, x.dtype, impl)
             y, u = module.lora_linear_fwd(x, w, bias, lora_a, lora_b, scale, dropout_p, seed, **kw)
         ctx.save_for_backward(x, lora_a, lora_b, u)
         ctx.qw, ctx.scale, ctx.dropout_p, ctx.seed, ctx.impl = qw, scale, dropout_p, seed, impl
@@ -105,7 +128,7 @@ class _QLoraLinear(torch.autograd.Function):
             if need_x or need_a or need_b:
                 module, kw = _backend(ctx.impl)
                 # the torch backend reads W only for dx; the Triton launchers take its strides always
-                w = dequantize_weight(ctx.qw, x.dtype, ctx.impl) if (need_x or ctx.impl != "torch") else None
+                w = weight_for(ctx.qw, x.dtype, ctx.impl) if (need_x or ctx.impl != "torch") else None
                 dx, da, db = module.lora_linear_bwd(grad_y.contiguous(), x, w, lora_a, lora_b, u, ctx.scale,
                                                     ctx.dropout_p, ctx.seed, need_x, **kw)
                 grad_x, grad_a, grad_b = (dx if need_x else None), (da if need_a else None), (db if need_b else None)
@@ -122,7 +145,7 @@ class _QDoraLinear(torch.autograd.Function):
         module, kw = _backend(impl)
         seed = _seed_value(seed, seed_tensor)
         with _autocast_off(x.device):
-            w = dequantize_weight(qw, x.dtype, impl)
+            w = weight_for(qw, x.dtype, impl)
             y, u, h, norm = module.dora_linear_fwd(x, w, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed,
                                                    **kw)
         ctx.save_for_backward(x, lora_a, lora_b, magnitude, u, h, norm)
@@ -140,7 +163,7 @@ class _QDoraLinear(torch.autograd.Function):
             if need_x or need_a or need_b or need_m:
                 module, kw = _backend(ctx.impl)
                 # the dense backward reads W even without dx (dropout's dx term); dequantise it again
-                w = dequantize_weight(ctx.qw, x.dtype, ctx.impl)
+                w = weight_for(ctx.qw, x.dtype, ctx.impl)
                 dx, da, db, dm = module.dora_linear_bwd(grad_y.contiguous(), x, w, lora_a, lora_b, magnitude, u, h,
                                                         norm, ctx.scale, ctx.dropout_p, ctx.seed, need_x, **kw)
                 grad_x, grad_a, grad_b = (dx if need_x else None), (da if need_a else None), (db if need_b else None)

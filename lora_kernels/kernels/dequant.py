@@ -1,5 +1,8 @@
-"""4-bit (NF4 / FP4, bitsandbytes layout) → fp16 / bf16 / fp32 dequantisation: ``_dequant_4bit_kernel``
-and its launcher ``dequant_4bit``.
+"""4-bit (NF4 / FP4, bitsandbytes layout) → fp16 / bf16 / fp32 decoding: ``load_w4`` (a jit helper that
+decodes any tile of flat indices in registers: the dequant kernel below and, inside their K / N loops,
+the fused GEMM kernels of :mod:`.linear_fwd`, :mod:`.linear_bwd` and DoRA's norm use it), the
+dequantisation kernel ``_dequant_4bit_kernel`` and its launcher ``dequant_4bit`` (the hybrid path's
+scratch buffer).
 
 Each program writes BLOCK consecutive elements of the flattened N×K output. Element i reads byte
 i // 2 (high nibble for even i, low for odd), its code value, and the absmax of block i // blocksize;
@@ -7,8 +10,9 @@ the flattening is bitsandbytes' own, so a quantisation block that straddles two 
 multiple of the blocksize) needs no special case. Nested absmax: code2[q] · absmax2[b // bs2] + offset.
 
 Bitwise equal to :func:`lora_kernels.quant.dequantize` (so to bitsandbytes' dequantize_4bit): the
-products are fp32, the nested multiply and add are kept apart (no FMA contraction:
-``enable_fp_fusion=False``), and the fp32 → bf16 rounding is done with integer operations
+products are fp32, the nested multiply and add are kept apart (no FMA contraction: the
+multiply is a PTX ``mul.rn``, which ptxas never contracts, and the dequant kernel is compiled with
+``enable_fp_fusion=False`` besides), and the fp32 → bf16 rounding is done with integer operations
 (round to nearest even) because the interpreter's bf16 cast truncates (DESIGN.md §5).
 """
 from __future__ import annotations
@@ -17,44 +21,105 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton_env import is_interpreter
+
 _OUT_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 BLOCK = 1024
 
 
 @triton.jit
+def _mul_rn(a, b, INTERPRET: tl.constexpr):
+    """a·b in fp32, never contracted into an FMA with a following add: PTX ``mul.rn`` (an explicit
+    rounding mode) is exempt from contraction. The interpreter (numpy) never contracts."""
+    if INTERPRET:
+        return a * b
+    else:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def round_to(w, OUT_KIND: tl.constexpr):
+    """fp32 ``w`` rounded to nearest even into OUT_KIND (0 fp32, 1 fp16, 2 bf16); bf16 by integer
+    operations because the interpreter's bf16 cast truncates (DESIGN.md §5)."""
+    if OUT_KIND == 2:
+        bits = w.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    elif OUT_KIND == 1:
+        return w.to(tl.float16)
+    else:
+        return w
+
+
+@triton.jit
+def load_w4(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, idx, mask,
+            QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr, OUT_KIND: tl.constexpr,
+            INTERPRET: tl.constexpr):
+    """The 4-bit weight decoded at flat (row-major N×K) int64 indices ``idx`` (any tile shape; masked
+    lanes give 0), rounded to OUT_KIND: bitwise equal to :func:`lora_kernels.quant.dequantize`.
+
+    Element i: byte i // 2 (high nibble for even i), its code value, times the fp32 absmax of block
+    i // QBLOCK (nested: code2[q]·absmax2[block // QBLOCK2] + offset, the multiply and add rounded
+    apart as bitsandbytes does). Blocks run over the flat index, so a block straddling two rows
+    needs nothing special. Used by the dequant kernel and inside the K/N loops of the GEMM kernels."""
+    byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
+    nibble = tl.where((idx % 2) == 0, byte >> 4, byte & 15)
+    value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
+    block = idx // QBLOCK
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale2 = tl.load(absmax2_ptr + block // QBLOCK2, mask=mask, other=0.0)
+        offset = tl.load(offset_ptr)
+        absmax = _mul_rn(tl.load(code2_ptr + q, mask=mask, other=0.0), scale2, INTERPRET) + offset
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return round_to(value * absmax, OUT_KIND)
+
+
+@triton.jit
 def _dequant_4bit_kernel(
     packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
-    numel, blocksize, blocksize2,
-    NESTED: tl.constexpr, OUT_KIND: tl.constexpr, BLOCK: tl.constexpr,
+    numel,
+    QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr, OUT_KIND: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """packed: ceil(numel/2) uint8; absmax: ceil(numel/blocksize) fp32 (uint8 when NESTED);
-    code: 16 fp32; absmax2: ceil(blocks/blocksize2) fp32, code2: 256 fp32, offset: 1 fp32 (NESTED);
+    """packed: ceil(numel/2) uint8; absmax: ceil(numel/QBLOCK) fp32 (uint8 when NESTED);
+    code: 16 fp32; absmax2: ceil(blocks/QBLOCK2) fp32, code2: 256 fp32, offset: 1 fp32 (NESTED);
     out: numel elements (OUT_KIND 0 fp32, 1 fp16, 2 bf16), contiguous."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    byte = tl.load(packed_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
-    nibble = tl.where((offs % 2) == 0, byte >> 4, byte & 15)
-    value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
-    block = offs // blocksize
-    if NESTED:
-        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale2 = tl.load(absmax2_ptr + block // blocksize2, mask=mask, other=0.0)
-        offset = tl.load(offset_ptr)
-        absmax = tl.load(code2_ptr + q, mask=mask, other=0.0) * scale2
-        absmax = absmax + offset
-    else:
-        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-    w = value * absmax
-    if OUT_KIND == 2:
-        bits = w.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    elif OUT_KIND == 1:
-        out = w.to(tl.float16)
-    else:
-        out = w
+    out = load_w4(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs, mask,
+                  QBLOCK, QBLOCK2, NESTED, OUT_KIND, INTERPRET)
     tl.store(out_ptr + offs, out, mask=mask)
+
+
+def quant_operands(qw, dtype: torch.dtype) -> tuple:
+    """The five extra pointer operands of a 4-bit weight (absmax, code, absmax2, code2, offset) and the
+    constexpr flags of :func:`load_w4` for decoding into ``dtype``."""
+    if dtype not in _OUT_KIND:
+        raise TypeError(f"a 4-bit weight decodes to {tuple(_OUT_KIND)}, got {dtype}")
+    nested = qw.nested is not None
+    ptrs = (qw.absmax, qw.code, qw.nested.absmax if nested else qw.absmax, qw.nested.code if nested else qw.code,
+            qw.nested.offset.reshape(1) if nested else qw.code)
+    flags = dict(QBLOCK=qw.blocksize, QBLOCK2=qw.nested.blocksize if nested else 1, NESTED=nested,
+                 OUT_KIND=_OUT_KIND[dtype])
+    return ptrs, flags
+
+
+def weight_operands(weight, dtype: torch.dtype, fallback: torch.Tensor) -> tuple:
+    """What a GEMM kernel with a QUANT flag takes for ``weight`` (a dense N×K tensor or a
+    :class:`lora_kernels.quant.QuantizedWeight`): (w tensor, stride_n, stride_k, five quant pointers,
+    flags). A dense weight gets ``fallback`` as the unused quant pointers and QUANT=False."""
+    from ..quant.format import QuantizedWeight
+
+    if isinstance(weight, QuantizedWeight):
+        ptrs, flags = quant_operands(weight, dtype)
+        flags = dict(QUANT=True, W_KIND=flags.pop("OUT_KIND"), **flags)
+        return weight.packed, weight.shape[1], 1, ptrs, flags
+    flags = dict(QUANT=False, W_KIND=0, QBLOCK=1, QBLOCK2=1, NESTED=False)
+    return weight, weight.stride(0), weight.stride(1), (fallback,) * 5, flags
 
 
 def dequant_4bit(qw, out: torch.Tensor) -> torch.Tensor:
@@ -64,15 +129,8 @@ def dequant_4bit(qw, out: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"dequant_4bit writes {tuple(_OUT_KIND)}, got out of {out.dtype}")
     if not out.is_contiguous() or out.numel() != qw.numel():
         raise ValueError(f"out must be contiguous with {qw.numel()} elements, got shape {tuple(out.shape)}")
-    numel = qw.numel()
-    nested = qw.nested is not None
-    absmax2 = qw.nested.absmax if nested else qw.absmax
-    code2 = qw.nested.code if nested else qw.code
-    offset = qw.nested.offset.reshape(1) if nested else qw.code
-    grid = (triton.cdiv(numel, BLOCK),)
-    _dequant_4bit_kernel[grid](
-        qw.packed, qw.absmax, qw.code, absmax2, code2, offset, out,
-        numel, qw.blocksize, qw.nested.blocksize if nested else 1,
-        NESTED=nested, OUT_KIND=_OUT_KIND[out.dtype], BLOCK=BLOCK, enable_fp_fusion=False,
-    )
+    ptrs, flags = quant_operands(qw, out.dtype)
+    grid = (triton.cdiv(qw.numel(), BLOCK),)
+    _dequant_4bit_kernel[grid](qw.packed, *ptrs, out, qw.numel(), **flags, INTERPRET=is_interpreter(), BLOCK=BLOCK,
+                               enable_fp_fusion=False)
     return out
