@@ -53,16 +53,24 @@ def round_to(w, OUT_KIND: tl.constexpr):
 
 
 @triton.jit
-def load_w4(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, idx, mask,
+def load_w4(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, start, col, mask,
             QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr, OUT_KIND: tl.constexpr,
-            INTERPRET: tl.constexpr):
-    """The 4-bit weight decoded at flat (row-major N×K) int64 indices ``idx`` (any tile shape; masked
-    lanes give 0), rounded to OUT_KIND: bitwise equal to :func:`lora_kernels.quant.dequantize`.
+            IDX64: tl.constexpr, INTERPRET: tl.constexpr):
+    """The 4-bit weight decoded at flat (row-major N×K) indices ``start + col`` (int64 tensors that
+    broadcast to the tile: e.g. a row's n·K and the column k; masked lanes give 0), rounded to OUT_KIND:
+    bitwise equal to :func:`lora_kernels.quant.dequantize`.
+
+    The index arithmetic is unsigned (divisions by the power-of-two block sizes are shifts) and 32-bit
+    unless IDX64 (N·K >= 2**31): start and col are narrowed before they are broadcast and added.
 
     Element i: byte i // 2 (high nibble for even i), its code value, times the fp32 absmax of block
     i // QBLOCK (nested: code2[q]·absmax2[block // QBLOCK2] + offset, the multiply and add rounded
     apart as bitsandbytes does). Blocks run over the flat index, so a block straddling two rows
     needs nothing special. Used by the dequant kernel and inside the K/N loops of the GEMM kernels."""
+    if IDX64:
+        idx = (start + col).to(tl.uint64)
+    else:
+        idx = start.to(tl.uint32) + col.to(tl.uint32)
     byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
     nibble = tl.where((idx % 2) == 0, byte >> 4, byte & 15)
     value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
@@ -82,16 +90,18 @@ def _dequant_4bit_kernel(
     packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
     numel,
     QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr, OUT_KIND: tl.constexpr,
-    INTERPRET: tl.constexpr, BLOCK: tl.constexpr,
+    IDX64: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """packed: ceil(numel/2) uint8; absmax: ceil(numel/QBLOCK) fp32 (uint8 when NESTED);
     code: 16 fp32; absmax2: ceil(blocks/QBLOCK2) fp32, code2: 256 fp32, offset: 1 fp32 (NESTED);
     out: numel elements (OUT_KIND 0 fp32, 1 fp16, 2 bf16), contiguous."""
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    start = pid.to(tl.int64) * BLOCK
+    col = tl.arange(0, BLOCK)
+    offs = start + col
     mask = offs < numel
-    out = load_w4(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs, mask,
-                  QBLOCK, QBLOCK2, NESTED, OUT_KIND, INTERPRET)
+    out = load_w4(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, start, col, mask,
+                  QBLOCK, QBLOCK2, NESTED, OUT_KIND, IDX64, INTERPRET)
     tl.store(out_ptr + offs, out, mask=mask)
 
 
@@ -104,7 +114,7 @@ def quant_operands(qw, dtype: torch.dtype) -> tuple:
     ptrs = (qw.absmax, qw.code, qw.nested.absmax if nested else qw.absmax, qw.nested.code if nested else qw.code,
             qw.nested.offset.reshape(1) if nested else qw.code)
     flags = dict(QBLOCK=qw.blocksize, QBLOCK2=qw.nested.blocksize if nested else 1, NESTED=nested,
-                 OUT_KIND=_OUT_KIND[dtype])
+                 OUT_KIND=_OUT_KIND[dtype], IDX64=qw.numel() + BLOCK >= 2**31)
     return ptrs, flags
 
 
@@ -118,7 +128,7 @@ def weight_operands(weight, dtype: torch.dtype, fallback: torch.Tensor) -> tuple
         ptrs, flags = quant_operands(weight, dtype)
         flags = dict(QUANT=True, W_KIND=flags.pop("OUT_KIND"), **flags)
         return weight.packed, weight.shape[1], 1, ptrs, flags
-    flags = dict(QUANT=False, W_KIND=0, QBLOCK=1, QBLOCK2=1, NESTED=False)
+    flags = dict(QUANT=False, W_KIND=0, QBLOCK=1, QBLOCK2=1, NESTED=False, IDX64=False)
     return weight, weight.stride(0), weight.stride(1), (fallback,) * 5, flags
 
 
