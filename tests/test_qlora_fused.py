@@ -55,6 +55,10 @@ CASES = [
     ("nf4", 64, True, 16, 40, 72, 8, torch.bfloat16, True, 0.0, True),      # DoRA, norm streamed from 4 bits
     ("fp4", 128, False, 14, 33, 136, 4, torch.float32, False, 0.2, True),   # DoRA with dropout
     ("nf4", 64, False, 10, 27, 90, 7, torch.float16, True, 0.1, True),
+    # odd K: rows start mid-byte, so the kernels decode element by element (no byte pairs)
+    ("nf4", 64, True, 13, 35, 75, 6, torch.bfloat16, True, 0.1, False),
+    ("fp4", 128, False, 11, 33, 129, 3, torch.float32, False, 0.0, True),
+    ("fp4", 64, True, 9, 21, 33, 2, torch.float16, True, 0.2, True),
 ]
 
 
@@ -77,12 +81,13 @@ def test_fused_against_reference_and_dense_fused(monkeypatch, kernel_device, qua
 
 @pytest.mark.parametrize("quant_type,nested,dtype", [("nf4", True, torch.bfloat16), ("fp4", False, torch.float16),
                                                      ("nf4", False, torch.float32)])
-def test_decoded_tile_bitwise_equal_to_reference(kernel_device, quant_type, nested, dtype):
+@pytest.mark.parametrize("k", [100, 101])  # K even (byte pairs) and odd (element by element)
+def test_decoded_tile_bitwise_equal_to_reference(kernel_device, quant_type, nested, dtype, k):
     """The forward GEMM with x = I returns Wᵀ's columns: x·deq(Q)ᵀ with an identity x is deq(Q) itself
     (one nonzero product per output, exact in fp32), so the decoded tiles are the dequantiser's bits."""
     from lora_kernels.kernels.linear_fwd import lora_linear_fwd
 
-    n, k = 33, 100  # blocks straddle rows, K not a multiple of BLOCK_K
+    n = 33  # blocks straddle rows, K not a multiple of BLOCK_K
     w = torch.randn(n, k) * 0.05
     qw = quantize(w, quant_type, 64, compress_statistics=nested).to(kernel_device)
     x = torch.eye(k, dtype=dtype, device=kernel_device)

@@ -53,35 +53,80 @@ def round_to(w, OUT_KIND: tl.constexpr):
 
 
 @triton.jit
-def load_w4(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, start, col, mask,
-            QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr, OUT_KIND: tl.constexpr,
-            IDX64: tl.constexpr, INTERPRET: tl.constexpr):
-    """The 4-bit weight decoded at flat (row-major N×K) indices ``start + col`` (int64 tensors that
-    broadcast to the tile: e.g. a row's n·K and the column k; masked lanes give 0), rounded to OUT_KIND:
-    bitwise equal to :func:`lora_kernels.quant.dequantize`.
-
-    The index arithmetic is unsigned (divisions by the power-of-two block sizes are shifts) and 32-bit
-    unless IDX64 (N·K >= 2**31): start and col are narrowed before they are broadcast and added.
-
-    Element i: byte i // 2 (high nibble for even i), its code value, times the fp32 absmax of block
-    i // QBLOCK (nested: code2[q]·absmax2[block // QBLOCK2] + offset, the multiply and add rounded
-    apart as bitsandbytes does). Blocks run over the flat index, so a block straddling two rows
-    needs nothing special. Used by the dequant kernel and inside the K/N loops of the GEMM kernels."""
-    if IDX64:
-        idx = (start + col).to(tl.uint64)
-    else:
-        idx = start.to(tl.uint32) + col.to(tl.uint32)
-    byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
-    nibble = tl.where((idx % 2) == 0, byte >> 4, byte & 15)
-    value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
-    block = idx // QBLOCK
+def _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask,
+                  QBLOCK2: tl.constexpr, NESTED: tl.constexpr, INTERPRET: tl.constexpr):
+    """The fp32 absmax of quantisation block(s) ``block`` (nested: code2[q]·absmax2[block // QBLOCK2] +
+    offset, multiply and add rounded apart as bitsandbytes does)."""
     if NESTED:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scale2 = tl.load(absmax2_ptr + block // QBLOCK2, mask=mask, other=0.0)
         offset = tl.load(offset_ptr)
-        absmax = _mul_rn(tl.load(code2_ptr + q, mask=mask, other=0.0), scale2, INTERPRET) + offset
+        return _mul_rn(tl.load(code2_ptr + q, mask=mask, other=0.0), scale2, INTERPRET) + offset
     else:
-        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
+def _narrow(t, IDX64: tl.constexpr):
+    """A non-negative int64 index as unsigned 32 bits (64 when IDX64): the divisions by the
+    power-of-two block sizes become shifts."""
+    if IDX64:
+        return t.to(tl.uint64)
+    else:
+        return t.to(tl.uint32)
+
+
+@triton.jit
+def _code_values(packed_ptr, code_ptr, idx, mask):
+    """code[nibble i] (fp32) at flat indices ``idx``: byte i // 2, high nibble for even i."""
+    byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
+    nibble = tl.where((idx % 2) == 0, byte >> 4, byte & 15)
+    return tl.load(code_ptr + nibble, mask=mask, other=0.0)
+
+
+@triton.jit
+def _absmax_at(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, idx, mask, start, k0, numel,
+               QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr, IDX64: tl.constexpr,
+               TILE_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """The fp32 absmax of flat indices ``idx`` (a tile whose row r starts at ``start[r]`` (int64) + k0 and
+    spans TILE_K columns). When QBLOCK >= TILE_K a row of the tile spans at most two blocks: their
+    absmax values are computed once per row and each element selects one; otherwise every element
+    loads (and, nested, decodes) its own."""
+    block = idx // QBLOCK
+    if QBLOCK >= TILE_K:
+        first64 = (start + k0) // QBLOCK
+        am0 = _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, first64, first64 * QBLOCK < numel,
+                            QBLOCK2, NESTED, INTERPRET)
+        am1 = _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, first64 + 1,
+                            (first64 + 1) * QBLOCK < numel, QBLOCK2, NESTED, INTERPRET)
+        return tl.where(block == _narrow(first64, IDX64), am0, am1)
+    else:
+        return _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask, QBLOCK2, NESTED, INTERPRET)
+
+
+@triton.jit
+def load_w4(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, k0, N, K,
+            QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr, OUT_KIND: tl.constexpr,
+            IDX64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """The W tile rows ``offs_n`` (int64, BLOCK_N) × columns k0 + [0, BLOCK_K) of a 4-bit weight, decoded
+    in registers and rounded to OUT_KIND (0 fp32, 1 fp16, 2 bf16): bitwise equal to the same tile of
+    :func:`lora_kernels.quant.dequantize`. Out-of-range rows / columns give 0.
+
+    Element (n, k) is flat index i = n·K + k (bitsandbytes' flattening, so a quantisation block that
+    straddles two rows needs nothing special): code[nibble of byte i // 2] · absmax[i // QBLOCK].
+    The GEMM kernels use this inside their K / N loops (the forward transposes the tile); W is never
+    written to memory. (The tile is decoded in this (N, K) orientation, K fastest, in every kernel:
+    compiled for sm_90a, the forward's main loop was 685 SASS instructions this way against 1027 when
+    decoding the (K, N) tile directly; decoding byte pairs and joining the two nibbles cost more than
+    it saved, 972.)"""
+    numel = N.to(tl.int64) * K
+    start = offs_n * K
+    k = k0 + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (k < K)[None, :]
+    idx = _narrow(start, IDX64)[:, None] + _narrow(k, IDX64)[None, :]
+    value = _code_values(packed_ptr, code_ptr, idx, mask)
+    absmax = _absmax_at(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, idx, mask, start[:, None], k0, numel,
+                        QBLOCK, QBLOCK2, NESTED, IDX64, BLOCK_K, INTERPRET)
     return round_to(value * absmax, OUT_KIND)
 
 
@@ -96,12 +141,13 @@ def _dequant_4bit_kernel(
     code: 16 fp32; absmax2: ceil(blocks/QBLOCK2) fp32, code2: 256 fp32, offset: 1 fp32 (NESTED);
     out: numel elements (OUT_KIND 0 fp32, 1 fp16, 2 bf16), contiguous."""
     pid = tl.program_id(0)
-    start = pid.to(tl.int64) * BLOCK
-    col = tl.arange(0, BLOCK)
-    offs = start + col
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    out = load_w4(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, start, col, mask,
-                  QBLOCK, QBLOCK2, NESTED, OUT_KIND, IDX64, INTERPRET)
+    idx = _narrow(offs, IDX64)
+    value = _code_values(packed_ptr, code_ptr, idx, mask)
+    absmax = _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, idx // QBLOCK, mask, QBLOCK2, NESTED,
+                           INTERPRET)
+    out = round_to(value * absmax, OUT_KIND)
     tl.store(out_ptr + offs, out, mask=mask)
 
 

@@ -50,9 +50,8 @@ def _dora_weight_norm_kernel(
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=r_in[:, None] & k_in[None, :], other=0.0)
         if QUANT:
-            w = load_w4(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                        (offs_n * K)[:, None], offs_k[None, :], n_in[:, None] & k_in[None, :],
-                        QBLOCK, QBLOCK2, NESTED, W_KIND, IDX64, DOT_FP32)
+            w = load_w4(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, k0, N, K,
+                        QBLOCK, QBLOCK2, NESTED, W_KIND, IDX64, BLOCK_N, BLOCK_K, DOT_FP32)
         else:
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                         mask=n_in[:, None] & k_in[None, :], other=0.0)

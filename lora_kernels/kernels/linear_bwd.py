@@ -104,9 +104,9 @@ def _lora_linear_bwd_kernel(
                 g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
                             mask=m_in[:, None] & n_in[None, :], other=0.0)
                 if QUANT:
-                    w = load_w4(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                (offs_n * K)[:, None], offs_k[None, :], n_in[:, None] & k_in[None, :],
-                                QBLOCK, QBLOCK2, NESTED, W_KIND, IDX64, DOT_FP32)
+                    w = load_w4(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
+                                pid_k.to(tl.int64) * BLOCK_K, N, K, QBLOCK, QBLOCK2, NESTED, W_KIND, IDX64,
+                                BLOCK_N, BLOCK_K, DOT_FP32)
                 else:
                     w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                                 mask=n_in[:, None] & k_in[None, :], other=0.0)

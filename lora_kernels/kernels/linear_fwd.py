@@ -72,9 +72,8 @@ def _lora_linear_fwd_kernel(
             offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             k_in = offs_k < K
             if QUANT:
-                w = load_w4(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                            (offs_n * K)[None, :], offs_k[:, None], k_in[:, None] & n_in[None, :],
-                            QBLOCK, QBLOCK2, NESTED, W_KIND, IDX64, DOT_FP32)
+                w = tl.trans(load_w4(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, k0, N, K,
+                                     QBLOCK, QBLOCK2, NESTED, W_KIND, IDX64, BLOCK_N, BLOCK_K, DOT_FP32))
             else:
                 w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                             mask=k_in[:, None] & n_in[None, :], other=0.0)
