@@ -79,6 +79,34 @@ def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype, impl: str) -> tor
     return dequant_4bit(qw, out)
 
 
+# A 4-bit weight on CUDA: the fused path up to this many tokens (M rows of x), hybrid above. From the
+# QLoRA compile-level model (lora_kernels/perf/qlora_model.py; docs/qlora.md), H200, realistic
+# efficiencies, Llama-3-8B projections, r = 16, p = 0: decoding costs the fused GEMMs ~21-23 SASS
+# instructions per W element per M block (forward 128 rows, dx 64 rows), so from M = 128-256 on they are
+# issue-bound (about 3.7-3.9x the bf16 base at M = 8192, against hybrid's 1.17-1.8x); at M = 64 the
+# fused path's single read of the 4-bit W beats hybrid's dequantise-to-scratch pass on every projection
+# (q/o 68 vs 94 µs, k/v 48 vs 59). These figures are modeled, not measured.
+QLORA_FUSED_MAX_TOKENS = 64
+
+
+def choose_qlora_path(m: int, device: torch.device) -> str:
+    """Fused or hybrid for a 4-bit weight (the rule ``triton`` and ``auto`` use; see QLORA_FUSED_MAX_TOKENS).
+    Off CUDA (the interpreter) the fused path, as for a dense weight."""
+    if torch.device(device).type != "cuda":
+        return "fused"
+    return "fused" if m <= QLORA_FUSED_MAX_TOKENS else "hybrid"
+
+
+def _resolve(backend, x2d, qw, r):
+    """resolve_backend, with the 4-bit rule replacing the dense one where a Triton path is picked by rule."""
+    from .backends import requested_backend, resolve_backend
+
+    impl = resolve_backend(backend, x2d, qw.shape[0], r)
+    if impl in ("fused", "hybrid") and requested_backend(backend) in ("auto", "triton"):
+        impl = choose_qlora_path(x2d.shape[0], x2d.device)
+    return impl
+
+
 def _backend(impl):
     from .functions import _backend_module
 
@@ -176,11 +204,10 @@ class _QDoraLinear(torch.autograd.Function):
 def lora_linear(x, weight: QuantizedWeight, lora_a, lora_b, scale, bias=None, dropout_p=0.0, seed=None,
                 training=True, backend=None):
     """:func:`lora_kernels.lora_linear` for a 4-bit ``weight`` (same arguments and result)."""
-    from .backends import resolve_backend
 
     x2d, _, lora_a, lora_b, bias, scale, dropout_p, seed, seed_tensor = _prepare(
         x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, training)
-    impl = resolve_backend(backend, x2d, weight.shape[0], lora_a.shape[0])
+    impl = _resolve(backend, x2d, weight, lora_a.shape[0])
     y = _QLoraLinear.apply(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, impl, seed_tensor)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -189,7 +216,6 @@ def dora_linear(x, weight: QuantizedWeight, lora_a, lora_b, magnitude, scale, bi
                 training=True, backend=None):
     """:func:`lora_kernels.dora_linear` for a 4-bit ``weight`` (same arguments and result)."""
     from ._validation import check_tensor
-    from .backends import resolve_backend
 
     check_tensor("magnitude", magnitude, ndim=1)
     if magnitude.shape[0] != weight.shape[0]:
@@ -199,7 +225,7 @@ def dora_linear(x, weight: QuantizedWeight, lora_a, lora_b, magnitude, scale, bi
         raise ValueError(f"magnitude is on {magnitude.device}, weight on {weight.device}: one device expected")
     x2d, _, lora_a, lora_b, bias, scale, dropout_p, seed, seed_tensor = _prepare(
         x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, training)
-    impl = resolve_backend(backend, x2d, weight.shape[0], lora_a.shape[0])
+    impl = _resolve(backend, x2d, weight, lora_a.shape[0])
     y = _QDoraLinear.apply(x2d, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, impl, seed_tensor)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 

@@ -159,3 +159,27 @@ def test_quantized_weight_pickles():
     qw = quantize(torch.randn(8, 64), "fp4", 64, compress_statistics=True)
     back = pickle.loads(pickle.dumps(qw))
     assert torch.equal(dequantize(back, torch.float32), dequantize(qw, torch.float32))
+
+
+def test_qlora_path_rule():
+    """The modeled rule (lora_kernels.qlora.QLORA_FUSED_MAX_TOKENS): on CUDA fused up to the threshold,
+    hybrid above; off CUDA (the interpreter) fused."""
+    limit = qlora.QLORA_FUSED_MAX_TOKENS
+    cuda = torch.device("cuda")
+    assert qlora.choose_qlora_path(1, cuda) == "fused"
+    assert qlora.choose_qlora_path(limit, cuda) == "fused"
+    assert qlora.choose_qlora_path(limit + 1, cuda) == "hybrid"
+    assert qlora.choose_qlora_path(8192, cuda) == "hybrid"
+    assert qlora.choose_qlora_path(8192, torch.device("cpu")) == "fused"
+
+
+def test_explicit_backend_is_kept(monkeypatch, kernel_device):
+    """backend='hybrid' / 'fused' are obeyed as asked; 'triton' takes the rule."""
+    case = LoraCase(m=8, n=40, k=72, r=4, dtype=torch.float32)
+    (x, qw, a, b, bias, _, _), _ = _inputs(case, "nf4", 64, False, kernel_device)
+    seen = []
+    real = qlora._QLoraLinear.apply
+    monkeypatch.setattr(qlora._QLoraLinear, "apply", lambda *args: seen.append(args[8]) or real(*args))
+    for backend in ("hybrid", "fused", "triton"):
+        qlora.lora_linear(x, qw, a, b, 2.0, backend=backend)
+    assert seen == ["hybrid", "fused", qlora.choose_qlora_path(8, x.device)]

@@ -187,7 +187,8 @@ def run(projections=None, tokens=(8192,), ranks=(16,), dropouts=(0.0, 0.1), quan
                                  nested=nested, path=path, efficiency=scen, time_us=t * 1e6, base_bf16_us=base * 1e6,
                                  ratio_vs_bf16_base=t / base, ratio_vs_peft_qlora=t / peft, launches=len(ops[scen]),
                                  modeled=True, ops=[c.as_dict() for c in ops[scen]]))
-    return dict(modeled=True, gpu=hw.as_dict(), target=target, rows=rows, binaries=list(binaries.values()))
+    return dict(modeled=True, gpu=hw.as_dict(), target=target, quant_type=quant_type, blocksize=blocksize,
+                nested=nested, rows=rows, binaries=list(binaries.values()))
 
 
 def choose_path_rows(report: dict, efficiency: str = "realistic") -> dict:
@@ -218,6 +219,16 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def section_markdown(report: dict) -> str:
+    """The report's QLoRA section (``lora-kernels inspect --qlora``)."""
+    return "\n".join([
+        "## QLoRA: 4-bit base (modeled)", "",
+        f"{report['quant_type'].upper()}, blocksize {report['blocksize']}, nested absmax {report['nested']}; "
+        "fused = W decoded in the GEMM loops, hybrid = dequant kernel to a bf16 scratch + cuBLAS + Triton LoRA, "
+        "peft = bnb dequantize_4bit + cuBLAS + unfused LoRA with F.dropout's masked copy. Ratios against the bf16 "
+        "frozen base and against PEFT QLoRA. **Every time and ratio is modeled.**", "", markdown(report)])
+
+
 def run_isolated(**opts) -> dict:
     """:func:`run` in a clean process when Triton is in interpreter mode here."""
     import json
@@ -225,14 +236,18 @@ def run_isolated(**opts) -> dict:
     import subprocess
     import sys
 
+    opts.pop("progress", None)
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         return run(**opts)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     code = ("import json, sys; from lora_kernels.perf.qlora_model import run; "
-            "r = run(**json.loads(sys.argv[1])); print(json.dumps(r))")
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(opts)], env=env, capture_output=True, text=True,
-                         check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+            "print(json.dumps(run(**json.loads(sys.argv[1]))))")
+    res = subprocess.run([sys.executable, "-c", code, json.dumps(opts)], env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"the QLoRA inspection process failed:\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
@@ -241,13 +256,14 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description="QLoRA compile-level report (modeled)")
     ap.add_argument("--projections", default=None, help="comma list (q/o,k/v,gate/up,down or INxOUT)")
+    ap.add_argument("--tokens", default="8192", help="comma list of token counts M")
     ap.add_argument("--quant-type", default="nf4")
     ap.add_argument("--blocksize", type=int, default=64)
     ap.add_argument("--no-nested", action="store_true")
     ap.add_argument("--json", default=None, help="also write the report here")
     a = ap.parse_args(argv)
     rep = run_isolated(projections=a.projections.split(",") if a.projections else None, quant_type=a.quant_type,
-                       blocksize=a.blocksize, nested=not a.no_nested)
+                       tokens=[int(t) for t in a.tokens.split(",")], blocksize=a.blocksize, nested=not a.no_nested)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rep, f, indent=1)
