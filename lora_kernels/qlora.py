@@ -33,6 +33,17 @@ from .quant.format import QuantizedWeight
 
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
+# torch.compile: the 4-bit entry points are not registered as torch.library custom ops (their
+# autograd Functions take a QuantizedWeight and launch Triton directly), so Dynamo must not trace them:
+# they are compiler-disabled. Under torch.compile a 4-bit layer is a graph break and runs eagerly (same
+# results); with fullgraph=True compilation fails with this reason in the error.
+COMPILE_REASON = ("lora_kernels: LoRA/DoRA on a 4-bit QuantizedWeight runs eagerly under torch.compile (a graph "
+                  "break): its kernels are not registered as custom ops; fullgraph=True cannot include it")
+
+
+def _eager_only(fn):
+    return torch.compiler.disable(fn, reason=COMPILE_REASON)
+
 
 def _stream_key(device: torch.device):
     if device.type == "cuda":
@@ -201,6 +212,7 @@ class _QDoraLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None, None, None, None
 
 
+@_eager_only
 def lora_linear(x, weight: QuantizedWeight, lora_a, lora_b, scale, bias=None, dropout_p=0.0, seed=None,
                 training=True, backend=None):
     """:func:`lora_kernels.lora_linear` for a 4-bit ``weight`` (same arguments and result)."""
@@ -212,6 +224,7 @@ def lora_linear(x, weight: QuantizedWeight, lora_a, lora_b, scale, bias=None, dr
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+@_eager_only
 def dora_linear(x, weight: QuantizedWeight, lora_a, lora_b, magnitude, scale, bias=None, dropout_p=0.0, seed=None,
                 training=True, backend=None):
     """:func:`lora_kernels.dora_linear` for a 4-bit ``weight`` (same arguments and result)."""
@@ -253,6 +266,7 @@ class _QLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, None
 
 
+@_eager_only
 def linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None,
            backend: str | None = None) -> torch.Tensor:
     """F.linear with a 4-bit weight, computed in x's dtype (W dequantised into the scratch buffer and

@@ -183,3 +183,34 @@ def test_explicit_backend_is_kept(monkeypatch, kernel_device):
     for backend in ("hybrid", "fused", "triton"):
         qlora.lora_linear(x, qw, a, b, 2.0, backend=backend)
     assert seen == ["hybrid", "fused", qlora.choose_qlora_path(8, x.device)]
+
+
+def test_torch_compile_graph_breaks_around_4bit_and_refuses_fullgraph(kernel_device):
+    """The 4-bit entry points are compiler-disabled (lora_kernels.qlora.COMPILE_REASON): torch.compile
+    runs them eagerly behind a graph break with the same results, fullgraph=True fails naming why."""
+    import torch._dynamo
+
+    import lora_kernels as lk
+    from lora_kernels.qlora_layers import QLoRALinear, QuantLinear
+
+    case = LoraCase(m=8, n=40, k=72, r=4, dtype=torch.float32, dropout_p=0.1)
+    (x, qw, a, b, bias, _, _), _ = _inputs(case, "nf4", 64, True, kernel_device)
+    a.requires_grad_(True)
+
+    def f(x):
+        return lk.lora_linear(x, qw, a, b, 2.0, bias=bias, dropout_p=0.1, seed=11, backend="fused") * 2
+
+    torch._dynamo.reset()
+    try:
+        eager = f(x)
+        compiled = torch.compile(f, backend="aot_eager")(x)
+        assert torch.equal(compiled, eager)
+        assert torch.equal(torch.autograd.grad(compiled.sum(), a)[0], torch.autograd.grad(eager.sum(), a)[0])
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="4-bit QuantizedWeight runs eagerly under torch.compile"):
+            torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+        torch._dynamo.reset()
+        layer = QLoRALinear(QuantLinear(qw, bias), 4, 8.0, dropout=0.0)
+        assert torch.equal(torch.compile(layer, backend="aot_eager")(x), layer(x))
+    finally:
+        torch._dynamo.reset()
