@@ -75,6 +75,11 @@ def dora_weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.T
     if block_r >= 128 and not configs.is_interpreter():  # keep the B tile and B·A in registers
         meta = dict(meta, BLOCK_N=32, num_warps=8)
     w, stride_wn, stride_wk, quant_ptrs, quant_flags = weight_operands(weight, lora_a.dtype, lora_a)
+    if quant_flags["QUANT"] and not configs.is_interpreter():
+        # the decoded tile holds more registers than a loaded one: 64×128 / 4 warps spilled on sm_90a;
+        # 32×64 / 8 warps compiled without spills for bf16 at ranks 16-128 and fp32 at 16 and 64 (fp32
+        # at rank 128 spilled in every candidate tried, least 8.5 KB) (issue 17, compile-only)
+        meta = dict(meta, BLOCK_N=32, BLOCK_K=64, num_warps=8)
     _dora_weight_norm_kernel[(triton.cdiv(N, meta["BLOCK_N"]),)](
         w, lora_a, lora_b, sq, *quant_ptrs, N, K, R,
         stride_wn, stride_wk, lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),

@@ -56,9 +56,11 @@ def _fake_quantized(N, K, quant_type, blocksize, nested, device):
 
 
 def capture_qlora(problem, path: str, quant_type: str = "nf4", blocksize: int = 64, nested: bool = True,
-                  target_programs: int = 264, seed: int = 1234, capability: int = 90):
+                  target_programs: int = 264, seed: int = 1234, capability: int = 90, device: str = "auto"):
     """Record the launches of lora_kernels' 4-bit forward+backward (``fused`` or ``hybrid``) for
-    ``problem`` (a :class:`.capture.Problem`, LoRA), on fake CUDA tensors (nothing runs)."""
+    ``problem`` (a :class:`.capture.Problem`, LoRA or DoRA), on fake CUDA tensors, or meta tensors
+    where the fake device fails (as :func:`.capture.capture_problem`; nothing runs)."""
+    import contextlib
     import warnings
 
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -67,25 +69,43 @@ def capture_qlora(problem, path: str, quant_type: str = "nf4", blocksize: int = 
     from ..kernels.dequant import dequant_4bit
     from .capture import _modeled_cuda, recording
 
-    if problem.kind != "lora":
-        raise ValueError(f"the QLoRA model covers LoRA only, got kind {problem.kind!r}")
+    if problem.kind not in ("lora", "dora"):
+        raise ValueError(f"kind: expected 'lora' or 'dora', got {problem.kind!r}")
     if path not in ("fused", "hybrid"):
         raise ValueError(f"path: expected 'fused' or 'hybrid', got {path!r}")
+    if device == "auto":
+        try:
+            return capture_qlora(problem, path, quant_type, blocksize, nested, target_programs, seed, capability,
+                                 "cuda-fake")
+        except Exception:  # noqa: BLE001 - any failure of the fake device: the meta capture
+            return capture_qlora(problem, path, quant_type, blocksize, nested, target_programs, seed, capability,
+                                 "meta")
     dt = getattr(torch, problem.dtype)
     M, K, N, r = problem.M, problem.K, problem.N, problem.r
-    with _modeled_cuda(target_programs // 2, capability), FakeTensorMode(), warnings.catch_warnings():
+    fake = device == "cuda-fake"
+    env = _modeled_cuda(target_programs // 2, capability) if fake else contextlib.nullcontext()
+    mode = FakeTensorMode() if fake else contextlib.nullcontext()
+    dev = "cuda" if fake else "meta"
+    with env, mode, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
-        kw = dict(device="cuda", dtype=dt)
-        qw = _fake_quantized(N, K, quant_type, blocksize, nested, "cuda")
+        kw = dict(device=dev, dtype=dt)
+        qw = _fake_quantized(N, K, quant_type, blocksize, nested, dev)
         x, a, b, g = torch.empty(M, K, **kw), torch.empty(r, K, **kw), torch.empty(N, r, **kw), torch.empty(M, N, **kw)
         bias = torch.empty(N, **kw) if problem.bias else None
         with recording(False, target_programs, False) as rec:
             rec.stage = "fwd"
             w = qw if path == "fused" else dequant_4bit(qw, torch.empty(N, K, **kw))
-            _, u = tb.lora_linear_fwd(x, w, bias, a, b, 2.0, problem.p, seed, path)
+            if problem.kind == "dora":
+                m = torch.empty(N, **kw)
+                _, u, h, norm = tb.dora_linear_fwd(x, w, bias, a, b, m, 2.0, problem.p, seed, path)
+            else:
+                _, u = tb.lora_linear_fwd(x, w, bias, a, b, 2.0, problem.p, seed, path)
             rec.stage = "bwd"
             w = qw if path == "fused" else dequant_4bit(qw, torch.empty(N, K, **kw))
-            tb.lora_linear_bwd(g, x, w, a, b, u, 2.0, problem.p, seed, True, path)
+            if problem.kind == "dora":
+                tb.dora_linear_bwd(g, x, w, a, b, m, u, h, norm, 2.0, problem.p, seed, True, path)
+            else:
+                tb.lora_linear_bwd(g, x, w, a, b, u, 2.0, problem.p, seed, True, path)
     return rec.launches
 
 
@@ -189,6 +209,49 @@ def run(projections=None, tokens=(8192,), ranks=(16,), dropouts=(0.0, 0.1), quan
                                  modeled=True, ops=[c.as_dict() for c in ops[scen]]))
     return dict(modeled=True, gpu=hw.as_dict(), target=target, quant_type=quant_type, blocksize=blocksize,
                 nested=nested, rows=rows, binaries=list(binaries.values()))
+
+
+def compile_check(kinds=("lora", "dora"), dtypes=("bfloat16", "float16", "float32"), dropouts=(0.0, 0.1),
+                  ranks=(16, 64), nested=(True, False), projection="q/o", M=8192, target="sm_90a", gpu="h200") -> list:
+    """Compile every 4-bit binary the fused path (and the hybrid path's dequant kernel) launches in its
+    default config, over kinds, dtypes, dropout, ranks and nested or not; one dict per distinct binary
+    (registers, spills, MMA kind, main-loop SASS per decoded W element)."""
+    from .capture import Problem, check_compilable
+    from .report import Inspector, _config_text, _flags_text, parse_projection
+
+    check_compilable()
+    hw = GPUS[gpu]
+    insp = Inspector(hw)
+    _, K, N = parse_projection(projection)
+    out = {}
+    for kind, dtype, p, r, nest in ((a, b, c, d, e) for a in kinds for b in dtypes for c in dropouts for d in ranks
+                                    for e in nested):
+        prob = Problem(projection, M, K, N, r, p, dtype, kind)
+        for path in ("fused", "hybrid"):
+            for launch in capture_qlora(prob, path, "nf4", 64, nest, 2 * hw.sms):
+                if launch.kind != "triton" or not (launch.params.get("QUANT") or "dequant" in launch.name):
+                    continue
+                rep = insp.binary(launch, target)
+                tile = launch.params.get("BLOCK_N", 1) * launch.params.get("BLOCK_K", 1)
+                key = rep.hash
+                out.setdefault(key, dict(
+                    kernel=launch.name, kind=kind, dtype=dtype, rank=r, flags=_flags_text(launch),
+                    config=_config_text(launch), registers=rep.registers, spills=rep.spills,
+                    spill_bytes=rep.spill_stores + rep.spill_loads, mma=rep.mma_kind, ctas_per_sm=rep.ctas_per_sm,
+                    loop_per_w=(rep.main_loop_instructions * 32 * rep.num_warps / tile
+                                if launch.params.get("QUANT") and rep.main_loop_instructions else None)))
+    return list(out.values())
+
+
+def compile_markdown(rows: list) -> str:
+    lines = ["| kernel | kind | dtype | r | flags | config | registers | spills | MMA | CTAs/SM | "
+             "main-loop SASS / decoded W element |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for b in rows:
+        lines.append(f"| {b['kernel']} | {b['kind']} | {b['dtype']} | {b['rank']} | {b['flags']} | {b['config']} | "
+                     f"{b['registers']} | {'yes (' + str(b['spill_bytes']) + ' B)' if b['spills'] else 'no'} | "
+                     f"{b['mma']} | {b['ctas_per_sm']} | "
+                     f"{'-' if b['loop_per_w'] is None else format(b['loop_per_w'], '.1f')} |")
+    return "\n".join(lines)
 
 
 def choose_path_rows(report: dict, efficiency: str = "realistic") -> dict:
