@@ -214,3 +214,24 @@ def test_torch_compile_graph_breaks_around_4bit_and_refuses_fullgraph(kernel_dev
         assert torch.equal(torch.compile(layer, backend="aot_eager")(x), layer(x))
     finally:
         torch._dynamo.reset()
+
+
+def test_64bit_index_path(monkeypatch, kernel_device):
+    """IDX64 (chosen when N·K >= 2**31, too big for a test) forced on a small weight: same results."""
+    from lora_kernels.kernels import dequant
+
+    case = LoraCase(m=9, n=33, k=75, r=3, dtype=torch.bfloat16, dropout_p=0.1, dora=True)
+    q_inputs, dense_inputs = _inputs(case, "nf4", 64, True, kernel_device)
+    before = run_path("fused", case, q_inputs)
+    real = dequant.quant_operands
+
+    def forced(qw, dtype):
+        ptrs, flags = real(qw, dtype)
+        return ptrs, dict(flags, IDX64=True)
+
+    monkeypatch.setattr(dequant, "quant_operands", forced)
+    after = run_path("fused", case, q_inputs)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    out = torch.empty(q_inputs[1].shape, dtype=torch.bfloat16, device=kernel_device)
+    assert torch.equal(dequant.dequant_4bit(q_inputs[1], out), dense_inputs[1])
