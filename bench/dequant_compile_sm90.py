@@ -3,8 +3,9 @@
     PYTHONPATH=. python bench/dequant_compile_sm90.py 0     # as launched: enable_fp_fusion=False
     PYTHONPATH=. python bench/dequant_compile_sm90.py 1     # with FMA contraction, for comparison
 
-Prints, per (nested, output dtype) variant, whether the PTX contains an fp32 FMA. The nested multiply
-is a PTX ``mul.rn`` (never contracted) and the launcher passes enable_fp_fusion=False besides, because bitsandbytes computes the nested absmax as a separate multiply and
+Prints, per (nested, output dtype) variant, whether the PTX contains an fp32 FMA. The nested
+multiply is a PTX ``mul.rn`` (never contracted) and the launcher passes enable_fp_fusion=False
+besides, because bitsandbytes computes the nested absmax as a separate multiply and
 add; an FMA would round differently (bit-exactness with dequantize_4bit would be lost). Run it
 without TRITON_INTERPRET (the interpreter has no compiler).
 """

@@ -465,8 +465,8 @@ def convert_peft_linear4bit(module: nn.Module, name: str, converted: list, skipp
     from .peft.bnb import PEFT_CLASS, Linear4bit
 
     if type(module) is not PEFT_CLASS:
-        skipped[name] = (f"{type(module).__module__}.{type(module).__qualname__} subclasses PEFT's lora.bnb.Linear4bit; "
-                         "only PEFT's own class is converted, PEFT's forward is kept")
+        skipped[name] = (f"{type(module).__module__}.{type(module).__qualname__} subclasses PEFT's "
+                         "lora.bnb.Linear4bit; only PEFT's own class is converted, PEFT's forward is kept")
         return
     reason = _peft_unsupported(module)
     if reason is not None:

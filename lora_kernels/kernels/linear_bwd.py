@@ -165,8 +165,9 @@ def lora_linear_bwd(grad_y, weight, v, lora_a, x, scale: float, seed: int, dropo
     Fused: dx is None and compute_dx -> dx is allocated and g·W computed in the kernel.
     Hybrid: dx given (holding g·W from cuBLAS; DoRA: gc·W) -> the LoRA term is added in place.
     compute_dx=False -> only dA. ``weight`` may be a :class:`lora_kernels.quant.QuantizedWeight` on
-    the fused path (dx None): its tiles are decoded inside the N loop (no N×K tensor is written). DoRA: ``dora_scale`` c (N, fp32; v must be gc·B); with dropout
-    the hybrid path also passes ``aux`` = g·W. Returns (dx or None, dA) with dA in x's dtype.
+    the fused path (dx None): its tiles are decoded inside the N loop (no N×K tensor is written).
+    DoRA: ``dora_scale`` c (N, fp32; v must be gc·B); with dropout the hybrid path also passes
+    ``aux`` = g·W. Returns (dx or None, dA) with dA in x's dtype.
     """
     M, K = x.shape
     N = grad_y.shape[1]
