@@ -5,20 +5,24 @@
 The maths is exactly that of the dense functions on the dequantised weight W = deq(Q) in x's
 (compute) dtype, on every backend:
 
-- ``torch``: W is dequantised by the plain-PyTorch dequantiser, then the torch backend runs;
-- ``fused`` / ``hybrid`` (Triton): W is dequantised by the Triton kernel
-  (:mod:`lora_kernels.kernels.dequant`), then the Triton backend runs with W as its weight (hybrid:
-  cuBLAS GEMMs + Triton LoRA kernels; fused: the Triton GEMMs with LoRA epilogues).
+- ``torch``: W is dequantised by the plain-PyTorch dequantiser (into the scratch buffer below),
+  then the torch backend runs;
+- ``fused`` (Triton): no dequantised W at all. The forward GEMM (x·Wᵀ + LoRA epilogue), the backward
+  dx GEMM (g·W + mask-aware LoRA epilogue) and DoRA's row norm decode each W tile in registers from
+  the packed 4-bit bytes inside their K / N loops (:func:`lora_kernels.kernels.dequant.load_w4`,
+  bitwise equal to the reference dequantiser in x's dtype); nothing N×K is allocated;
+- ``hybrid`` (Triton + cuBLAS): W is dequantised by the Triton kernel
+  (:mod:`lora_kernels.kernels.dequant`) into the scratch buffer, then cuBLAS GEMMs + the Triton LoRA
+  kernels run with W as their weight.
 
-In both cases W goes into a *scratch buffer* shared by all layers of a (device, dtype) and reused
-from call to call; it is never saved for backward: the backward dequantises again (one more pass
-over the 4-bit weight, about a quarter of the bytes of a bf16 weight read). Saved for backward:
-x, A, B, u (and DoRA's m, h, n), as for a dense weight; nothing N×K. There is no gradient for the
-4-bit weight (it is frozen by construction).
-
-Not done yet: dequantisation inside the GEMM's K loop (no N×K scratch at all) — that needs the
-GEMM kernels being restructured in issue 13. The scratch buffer is not safe for concurrent use from
-several CUDA streams or threads (each call fills it, then consumes it, in stream order).
+The scratch buffer (torch and hybrid) is shared by all layers of a (device, dtype, CUDA stream) and
+reused from call to call; it is never saved for backward: the backward dequantises again (one more
+pass over the 4-bit weight, about a quarter of the bytes of a bf16 weight read). Keyed by the
+current CUDA stream, so layers running on different streams never share one; two *threads* on
+one stream (or on a CPU) must not run 4-bit layers concurrently on the scratch paths (each call
+fills the buffer, then consumes it, in stream order). The fused path has no scratch and no such limit.
+Saved for backward: x, A, B, u (and DoRA's m, h, n), as for a dense weight; nothing N×K. There is no
+gradient for the 4-bit weight (it is frozen by construction).
 """
 from __future__ import annotations
 
@@ -29,10 +33,29 @@ from .quant.format import QuantizedWeight
 
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
+# torch.compile: the 4-bit entry points are not registered as torch.library custom ops (their
+# autograd Functions take a QuantizedWeight and launch Triton directly), so Dynamo must not trace them:
+# they are compiler-disabled. Under torch.compile a 4-bit layer is a graph break and runs eagerly (same
+# results); with fullgraph=True compilation fails with this reason in the error.
+COMPILE_REASON = ("lora_kernels: LoRA/DoRA on a 4-bit QuantizedWeight runs eagerly under torch.compile (a graph "
+                  "break): its kernels are not registered as custom ops; fullgraph=True cannot include it")
+
+
+def _eager_only(fn):
+    return torch.compiler.disable(fn, reason=COMPILE_REASON)
+
+
+def _stream_key(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.current_stream(device).cuda_stream
+    return None
+
 
 def scratch_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A flat buffer of at least ``numel`` elements for (device, dtype), grown when needed, reused."""
-    key = (torch.device(device), dtype)
+    """A flat buffer of at least ``numel`` elements for (device, dtype, current CUDA stream), grown when
+    needed, reused."""
+    device = torch.device(device)
+    key = (device, dtype, _stream_key(device))
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < numel:
         _SCRATCH.pop(key, None)  # free the smaller one first
@@ -46,6 +69,17 @@ def release_scratch() -> None:
     _SCRATCH.clear()
 
 
+def fused_decodes(impl: str, dtype: torch.dtype) -> bool:
+    """Whether the kernels of ``impl`` decode the 4-bit weight themselves (the fused path)."""
+    return impl == "fused" and dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def weight_for(qw: QuantizedWeight, dtype: torch.dtype, impl: str):
+    """What the backend gets as its weight: ``qw`` itself on the fused path (decoded in the GEMMs),
+    else W dequantised into the scratch buffer."""
+    return qw if fused_decodes(impl, dtype) else dequantize_weight(qw, dtype, impl)
+
+
 def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype, impl: str) -> torch.Tensor:
     """W (N, K) in ``dtype``, in the scratch buffer: the Triton kernel for a Triton path, else torch."""
     out = scratch_buffer(qw.numel(), dtype, qw.device).view(qw.shape)
@@ -54,6 +88,34 @@ def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype, impl: str) -> tor
     from .kernels.dequant import dequant_4bit
 
     return dequant_4bit(qw, out)
+
+
+# A 4-bit weight on CUDA: the fused path up to this many tokens (M rows of x), hybrid above. From the
+# QLoRA compile-level model (lora_kernels/perf/qlora_model.py; docs/qlora.md), H200, realistic
+# efficiencies, Llama-3-8B projections, r = 16, p = 0: decoding costs the fused GEMMs ~21-23 SASS
+# instructions per W element per M block (forward 128 rows, dx 64 rows), so from M = 128-256 on they are
+# issue-bound (about 3.7-3.9x the bf16 base at M = 8192, against hybrid's 1.17-1.8x); at M = 64 the
+# fused path's single read of the 4-bit W beats hybrid's dequantise-to-scratch pass on every projection
+# (q/o 68 vs 94 µs, k/v 48 vs 59). These figures are modeled, not measured.
+QLORA_FUSED_MAX_TOKENS = 64
+
+
+def choose_qlora_path(m: int, device: torch.device) -> str:
+    """Fused or hybrid for a 4-bit weight (the rule ``triton`` and ``auto`` use; see QLORA_FUSED_MAX_TOKENS).
+    Off CUDA (the interpreter) the fused path, as for a dense weight."""
+    if torch.device(device).type != "cuda":
+        return "fused"
+    return "fused" if m <= QLORA_FUSED_MAX_TOKENS else "hybrid"
+
+
+def _resolve(backend, x2d, qw, r):
+    """resolve_backend, with the 4-bit rule replacing the dense one where a Triton path is picked by rule."""
+    from .backends import requested_backend, resolve_backend
+
+    impl = resolve_backend(backend, x2d, qw.shape[0], r)
+    if impl in ("fused", "hybrid") and requested_backend(backend) in ("auto", "triton"):
+        impl = choose_qlora_path(x2d.shape[0], x2d.device)
+    return impl
 
 
 def _backend(impl):
@@ -88,7 +150,7 @@ class _QLoraLinear(torch.autograd.Function):
         module, kw = _backend(impl)
         seed = _seed_value(seed, seed_tensor)
         with _autocast_off(x.device):
-            w = dequantize_weight(qw, x.dtype, impl)
+            w = weight_for(qw, x.dtype, impl)
             y, u = module.lora_linear_fwd(x, w, bias, lora_a, lora_b, scale, dropout_p, seed, **kw)
         ctx.save_for_backward(x, lora_a, lora_b, u)
         ctx.qw, ctx.scale, ctx.dropout_p, ctx.seed, ctx.impl = qw, scale, dropout_p, seed, impl
@@ -105,7 +167,7 @@ class _QLoraLinear(torch.autograd.Function):
             if need_x or need_a or need_b:
                 module, kw = _backend(ctx.impl)
                 # the torch backend reads W only for dx; the Triton launchers take its strides always
-                w = dequantize_weight(ctx.qw, x.dtype, ctx.impl) if (need_x or ctx.impl != "torch") else None
+                w = weight_for(ctx.qw, x.dtype, ctx.impl) if (need_x or ctx.impl != "torch") else None
                 dx, da, db = module.lora_linear_bwd(grad_y.contiguous(), x, w, lora_a, lora_b, u, ctx.scale,
                                                     ctx.dropout_p, ctx.seed, need_x, **kw)
                 grad_x, grad_a, grad_b = (dx if need_x else None), (da if need_a else None), (db if need_b else None)
@@ -122,7 +184,7 @@ class _QDoraLinear(torch.autograd.Function):
         module, kw = _backend(impl)
         seed = _seed_value(seed, seed_tensor)
         with _autocast_off(x.device):
-            w = dequantize_weight(qw, x.dtype, impl)
+            w = weight_for(qw, x.dtype, impl)
             y, u, h, norm = module.dora_linear_fwd(x, w, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed,
                                                    **kw)
         ctx.save_for_backward(x, lora_a, lora_b, magnitude, u, h, norm)
@@ -140,7 +202,7 @@ class _QDoraLinear(torch.autograd.Function):
             if need_x or need_a or need_b or need_m:
                 module, kw = _backend(ctx.impl)
                 # the dense backward reads W even without dx (dropout's dx term); dequantise it again
-                w = dequantize_weight(ctx.qw, x.dtype, ctx.impl)
+                w = weight_for(ctx.qw, x.dtype, ctx.impl)
                 dx, da, db, dm = module.dora_linear_bwd(grad_y.contiguous(), x, w, lora_a, lora_b, magnitude, u, h,
                                                         norm, ctx.scale, ctx.dropout_p, ctx.seed, need_x, **kw)
                 grad_x, grad_a, grad_b = (dx if need_x else None), (da if need_a else None), (db if need_b else None)
@@ -150,23 +212,23 @@ class _QDoraLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None, None, None, None, None
 
 
+@_eager_only
 def lora_linear(x, weight: QuantizedWeight, lora_a, lora_b, scale, bias=None, dropout_p=0.0, seed=None,
                 training=True, backend=None):
     """:func:`lora_kernels.lora_linear` for a 4-bit ``weight`` (same arguments and result)."""
-    from .backends import resolve_backend
 
     x2d, _, lora_a, lora_b, bias, scale, dropout_p, seed, seed_tensor = _prepare(
         x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, training)
-    impl = resolve_backend(backend, x2d, weight.shape[0], lora_a.shape[0])
+    impl = _resolve(backend, x2d, weight, lora_a.shape[0])
     y = _QLoraLinear.apply(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, impl, seed_tensor)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+@_eager_only
 def dora_linear(x, weight: QuantizedWeight, lora_a, lora_b, magnitude, scale, bias=None, dropout_p=0.0, seed=None,
                 training=True, backend=None):
     """:func:`lora_kernels.dora_linear` for a 4-bit ``weight`` (same arguments and result)."""
     from ._validation import check_tensor
-    from .backends import resolve_backend
 
     check_tensor("magnitude", magnitude, ndim=1)
     if magnitude.shape[0] != weight.shape[0]:
@@ -176,7 +238,7 @@ def dora_linear(x, weight: QuantizedWeight, lora_a, lora_b, magnitude, scale, bi
         raise ValueError(f"magnitude is on {magnitude.device}, weight on {weight.device}: one device expected")
     x2d, _, lora_a, lora_b, bias, scale, dropout_p, seed, seed_tensor = _prepare(
         x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, training)
-    impl = resolve_backend(backend, x2d, weight.shape[0], lora_a.shape[0])
+    impl = _resolve(backend, x2d, weight, lora_a.shape[0])
     y = _QDoraLinear.apply(x2d, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed, impl, seed_tensor)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -204,6 +266,7 @@ class _QLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, None
 
 
+@_eager_only
 def linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None,
            backend: str | None = None) -> torch.Tensor:
     """F.linear with a 4-bit weight, computed in x's dtype (W dequantised into the scratch buffer and

@@ -458,21 +458,21 @@ def _peft_fused_forward(self, x, *args, **kwargs):
     return y.to(x.dtype) if y.dtype != x.dtype else y
 
 
-_PEFT_FUSED: dict[type, type] = {}
-
-
 def convert_peft_linear4bit(module: nn.Module, name: str, converted: list, skipped: dict) -> None:
-    """Make one PEFT ``lora.bnb.Linear4bit`` compute with lora_kernels (class swap, as
-    :func:`lora_kernels.peft.convert` does for dense layers); records the outcome."""
+    """Make one PEFT ``lora.bnb.Linear4bit`` compute with lora_kernels (class swap to the module-level
+    :class:`lora_kernels.peft.bnb.Linear4bit`, as :func:`lora_kernels.peft.convert` does for dense
+    layers); records the outcome. A subclass of PEFT's class is left to PEFT (its own forward may differ)."""
+    from .peft.bnb import PEFT_CLASS, Linear4bit
+
+    if type(module) is not PEFT_CLASS:
+        skipped[name] = (f"{type(module).__module__}.{type(module).__qualname__} subclasses PEFT's "
+                         "lora.bnb.Linear4bit; only PEFT's own class is converted, PEFT's forward is kept")
+        return
     reason = _peft_unsupported(module)
     if reason is not None:
         skipped[name] = reason
         return
-    cls = type(module)
-    if cls not in _PEFT_FUSED:
-        _PEFT_FUSED[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": _peft_fused_forward,
-                                                                 "_lora_kernels_fused": True})
-    module.__class__ = _PEFT_FUSED[cls]
+    module.__class__ = Linear4bit
     converted.append(name)
 
 

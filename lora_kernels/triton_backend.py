@@ -15,6 +15,10 @@ y = base + ((c − 1)·P + c·s·u·Bᵀ), exact at init (the epilogue also writ
 GEMM (g ⊙ c formed in registers); v = g·(c ⊙ B) and dB = c ⊙ (s·gᵀ·u),
 so no g ⊙ c tensor is needed on the fused path. With dropout, PEFT's formula needs xd·Wᵀ: x ⊙ Z is
 written once by the shrink kernel as a transient GEMM operand (freed after the forward, never saved).
+
+On the fused path ``weight`` may be a :class:`lora_kernels.quant.QuantizedWeight` (QLoRA): the GEMM
+kernels and DoRA's norm decode its tiles in registers (:func:`lora_kernels.kernels.dequant.load_w4`).
+The hybrid path needs a dense weight (lora_kernels.qlora dequantises into its scratch buffer first).
 """
 from __future__ import annotations
 
@@ -30,8 +34,8 @@ PATHS = ("fused", "hybrid")
 
 def _check_dtypes(x, *others):
     """The kernels take one compute dtype (the functional API casts adapters; this guards direct op calls)."""
-    for t in others:
-        if t is not None and t.dtype != x.dtype:
+    for t in others:  # a 4-bit weight (QuantizedWeight, fused path) is decoded into x's dtype in the kernels
+        if isinstance(t, torch.Tensor) and t.dtype != x.dtype:
             raise TypeError(f"Triton LoRA kernels need one dtype: x is {x.dtype}, got a {t.dtype} operand")
 
 

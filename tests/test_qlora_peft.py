@@ -168,3 +168,28 @@ def test_transformers_load_in_4bit_model_is_injected_as_is(tmp_path):
     model(input_ids=ids, labels=ids).loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads)
+
+
+def test_converted_peft_qlora_layer_pickles_and_deepcopies():
+    """The converted class is module-level (lora_kernels.peft.bnb.Linear4bit): torch.save / pickle and
+    deepcopy of a converted model work and keep the converted forward."""
+    import io
+
+    from lora_kernels.peft.bnb import Linear4bit as Converted
+
+    _, theirs = _models()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = peft.get_peft_model(theirs, cfg)
+    converted, skipped = convert(peft_model)
+    assert len(converted) == 4 and not skipped
+    ids = tokens()
+    ref = logits(peft_model, ids)
+    buf = io.BytesIO()
+    torch.save(peft_model, buf)
+    buf.seek(0)
+    for other in (torch.load(buf, weights_only=False), copy.deepcopy(peft_model)):
+        layer = other.base_model.model.model.layers[0].self_attn.q_proj
+        assert type(layer) is Converted
+        torch.testing.assert_close(logits(other, ids), ref, rtol=0, atol=0)
+    unconvert(peft_model)
+    assert type(peft_model.base_model.model.model.layers[0].self_attn.q_proj) is Converted.__mro__[1]

@@ -105,6 +105,13 @@ _FP32_CONFIGS = {
 }
 
 
+# fp32 operands with a 4-bit weight decoded in the loop (QUANT): the decoded tile adds to the FMA dots'
+# registers; in the compile-only check of issue 17 (sm_90a, triton 3.9; LoRA and DoRA, p 0 and 0.1,
+# ranks 16 and 64) only these listed candidates compiled without spills in both GEMMs (the dense
+# fp32 defaults spilled up to 24 KB: the forward 64×64×64 / 4 warps).
+_FP32_QUANT_CONFIGS = {"linear_fwd": [(32, 32, 16, 8, 3)], "linear_bwd": [(32, 32, 32, 8, 3)]}
+
+
 def _key(cfg: triton.Config) -> tuple:
     kw = cfg.kwargs
     if "BLOCK_P" in kw:
@@ -146,6 +153,8 @@ def _per_thread(rows: int, cols: int, num_warps: int) -> float:
 def _fits(kind: str, cfg: triton.Config, block_r: int, elem_bytes: int = 2, flags: dict | None = None) -> bool:
     kw = cfg.kwargs
     flags = flags or {}
+    if flags.get("QUANT") and elem_bytes >= 4 and kind in _FP32_QUANT_CONFIGS:
+        return _key(cfg) in _FP32_QUANT_CONFIGS[kind]
     if kind in _FP32_CONFIGS:
         if elem_bytes >= 4:
             return _key(cfg) in _fp32_allowed(kind, block_r)
@@ -201,7 +210,7 @@ def prune_by_rank(kind: str):
         block_r = named_args.get("BLOCK_R", kwargs.get("BLOCK_R", 16))
         first = next((v for v in named_args.values() if hasattr(v, "element_size")), None)
         elem_bytes = first.element_size() if first is not None else 2
-        flags = {k: kwargs.get(k, named_args.get(k)) for k in ("HAS_DROPOUT", "DORA_DROPOUT")}
+        flags = {k: kwargs.get(k, named_args.get(k)) for k in ("HAS_DROPOUT", "DORA_DROPOUT", "QUANT")}
         kept = [c for c in configs if _fits(kind, c, block_r, elem_bytes, flags)]
         return kept or configs[-1:]
 

@@ -16,19 +16,26 @@ import triton.language as tl
 
 from ..reference import DORA_EPS
 from . import configs
+from .dequant import load_w4, weight_operands
 from .dropout import mma
 
 
 @triton.jit
 def _dora_weight_norm_kernel(
     w_ptr, a_ptr, b_ptr, out_ptr,
+    absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     N, K, R,
     stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     scale,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    QUANT: tl.constexpr = False, W_KIND: tl.constexpr = 0, QBLOCK: tl.constexpr = 1, QBLOCK2: tl.constexpr = 1,
+    NESTED: tl.constexpr = False, IDX64: tl.constexpr = False,
 ):
-    """w: N×K, a (lora_a): R×K, b (lora_b): N×R, out: N fp32 (squared norms)."""
+    """w: N×K, a (lora_a): R×K, b (lora_b): N×R, out: N fp32 (squared norms).
+
+    QUANT: w_ptr is a 4-bit weight's packed bytes (flat N×K), each tile decoded by
+    :func:`.dequant.load_w4` into W_KIND (the adapters' dtype), as the dense path would read it."""
     pid = tl.program_id(0)
     offs_n = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
@@ -42,8 +49,12 @@ def _dora_weight_norm_kernel(
         k_in = offs_k < K
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=r_in[:, None] & k_in[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                    mask=n_in[:, None] & k_in[None, :], other=0.0)
+        if QUANT:
+            w = load_w4(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, k0, N, K,
+                        QBLOCK, QBLOCK2, NESTED, W_KIND, IDX64, BLOCK_N, BLOCK_K, DOT_FP32)
+        else:
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                        mask=n_in[:, None] & k_in[None, :], other=0.0)
         ba = mma(b, a, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), DOT_FP32, INPUT_PRECISION)
         t = w.to(tl.float32) + ba * scale
         sq += tl.sum(t * t, axis=1)
@@ -52,7 +63,8 @@ def _dora_weight_norm_kernel(
 
 def dora_weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
                      eps: float = DORA_EPS) -> torch.Tensor:
-    """n (N, fp32) = max(‖W_j + s·(B·A)_j‖₂, eps), one streamed pass over W."""
+    """n (N, fp32) = max(‖W_j + s·(B·A)_j‖₂, eps), one streamed pass over W (a dense N×K tensor, or a
+    :class:`lora_kernels.quant.QuantizedWeight` decoded tile by tile into lora_a's dtype)."""
     N, K = weight.shape
     R = lora_a.shape[0]
     sq = torch.empty(N, dtype=torch.float32, device=weight.device)
@@ -62,12 +74,18 @@ def dora_weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.T
     meta = configs.fixed_config("dora_norm")
     if block_r >= 128 and not configs.is_interpreter():  # keep the B tile and B·A in registers
         meta = dict(meta, BLOCK_N=32, num_warps=8)
+    w, stride_wn, stride_wk, quant_ptrs, quant_flags = weight_operands(weight, lora_a.dtype, lora_a)
+    if quant_flags["QUANT"] and not configs.is_interpreter():
+        # the decoded tile holds more registers than a loaded one: 64×128 / 4 warps spilled on sm_90a;
+        # 32×64 / 8 warps compiled without spills for bf16 at ranks 16-128 and fp32 at 16 and 64 (fp32
+        # at rank 128 spilled in every candidate tried, least 8.5 KB) (issue 17, compile-only)
+        meta = dict(meta, BLOCK_N=32, BLOCK_K=64, num_warps=8)
     _dora_weight_norm_kernel[(triton.cdiv(N, meta["BLOCK_N"]),)](
-        weight, lora_a, lora_b, sq, N, K, R,
-        weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
+        w, lora_a, lora_b, sq, *quant_ptrs, N, K, R,
+        stride_wn, stride_wk, lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
         float(scale),
-        DOT_FP32=configs.dot_fp32(), INPUT_PRECISION=configs.input_precision(weight.dtype), BLOCK_R=block_r,
-        **meta,
+        DOT_FP32=configs.dot_fp32(), INPUT_PRECISION=configs.input_precision(lora_a.dtype), BLOCK_R=block_r,
+        **meta, **quant_flags,
     )
     return sq.sqrt_().clamp_min_(eps)
 

@@ -25,12 +25,14 @@ import triton.language as tl
 
 from ..dropout import dropout_threshold, keep_scale, seed_halves
 from . import configs
+from .dequant import load_w4, weight_operands
 from .dropout import apply_keep, keep_tile, mma
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _lora_linear_bwd_kernel(
     g_ptr, w_ptr, v_ptr, a_ptr, x_ptr, c_ptr, aux_ptr, dx_ptr, da_ptr,
+    absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     M, N, K, R,
     stride_gm, stride_gn, stride_wn, stride_wk, stride_vm, stride_vr, stride_ar, stride_ak,
     stride_xm, stride_xk, stride_auxm, stride_auxk, stride_dxm, stride_dxk, stride_dar, stride_dak,
@@ -40,10 +42,14 @@ def _lora_linear_bwd_kernel(
     DORA: tl.constexpr, DORA_DROPOUT: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    QUANT: tl.constexpr = False, W_KIND: tl.constexpr = 0, QBLOCK: tl.constexpr = 1, QBLOCK2: tl.constexpr = 1,
+    NESTED: tl.constexpr = False, IDX64: tl.constexpr = False,
 ):
     """g: M×N, w: N×K, v: M×R, a: R×K, x: M×K, c: N (fp32, DoRA), dx: M×K, da: R×K.
 
     keep_mult = keep_scale (1/(1 − p_eff)), da_scale = s·keep_scale (s without dropout), scale = s.
+    QUANT (BASE_GEMM only): w_ptr is a 4-bit weight's packed bytes (flat N×K) with its absmax / code /
+    nested operands; each W tile of the dx loop is decoded in registers by :func:`.dequant.load_w4`.
     When not BASE_GEMM, dx holds cuBLAS's g·W (DoRA: gc·W) on entry and, for DoRA with dropout,
     aux (M×K) holds g·W.
     """
@@ -97,8 +103,13 @@ def _lora_linear_bwd_kernel(
                 n_in = offs_n < N
                 g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
                             mask=m_in[:, None] & n_in[None, :], other=0.0)
-                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                            mask=n_in[:, None] & k_in[None, :], other=0.0)
+                if QUANT:
+                    w = load_w4(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
+                                pid_k.to(tl.int64) * BLOCK_K, N, K, QBLOCK, QBLOCK2, NESTED, W_KIND, IDX64,
+                                BLOCK_N, BLOCK_K, DOT_FP32)
+                else:
+                    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                                mask=n_in[:, None] & k_in[None, :], other=0.0)
                 if DORA:
                     c = tl.load(c_ptr + offs_n, mask=n_in, other=0.0)
                     if DORA_DROPOUT:
@@ -135,7 +146,8 @@ def _lora_linear_bwd_kernel(
 
 _lora_linear_bwd_tuned = triton.autotune(
     configs=configs.autotune_configs("linear_bwd"),
-    key=["KEY_TOKENS", "N", "K", "R", "BASE_GEMM", "COMPUTE_DX", "HAS_DROPOUT", "DORA", "DORA_DROPOUT"],
+    key=["KEY_TOKENS", "N", "K", "R", "BASE_GEMM", "COMPUTE_DX", "HAS_DROPOUT", "DORA", "DORA_DROPOUT", "QUANT",
+         "NESTED"],
     prune_configs_by={"early_config_prune": configs.prune_by_rank("linear_bwd")},
     restore_value=["dx_ptr"],  # the hybrid path accumulates into dx
 )(_lora_linear_bwd_kernel)
@@ -152,8 +164,10 @@ def lora_linear_bwd(grad_y, weight, v, lora_a, x, scale: float, seed: int, dropo
 
     Fused: dx is None and compute_dx -> dx is allocated and g·W computed in the kernel.
     Hybrid: dx given (holding g·W from cuBLAS; DoRA: gc·W) -> the LoRA term is added in place.
-    compute_dx=False -> only dA. DoRA: ``dora_scale`` c (N, fp32; v must be gc·B); with dropout
-    the hybrid path also passes ``aux`` = g·W. Returns (dx or None, dA) with dA in x's dtype.
+    compute_dx=False -> only dA. ``weight`` may be a :class:`lora_kernels.quant.QuantizedWeight` on
+    the fused path (dx None): its tiles are decoded inside the N loop (no N×K tensor is written).
+    DoRA: ``dora_scale`` c (N, fp32; v must be gc·B); with dropout the hybrid path also passes
+    ``aux`` = g·W. Returns (dx or None, dA) with dA in x's dtype.
     """
     M, K = x.shape
     N = grad_y.shape[1]
@@ -162,6 +176,9 @@ def lora_linear_bwd(grad_y, weight, v, lora_a, x, scale: float, seed: int, dropo
     dora = dora_scale is not None
     has_dropout = dropout_p > 0.0
     dora_dropout = dora and has_dropout
+    w, stride_wn, stride_wk, quant_ptrs, quant_flags = weight_operands(weight, x.dtype, x)
+    if quant_flags["QUANT"] and dx is not None:
+        raise ValueError("a 4-bit weight is decoded inside the fused dx GEMM only (dx must be None)")
     if base_gemm:
         dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
     grad_a = torch.empty((R, K), dtype=x.dtype, device=x.device)
@@ -172,9 +189,9 @@ def lora_linear_bwd(grad_y, weight, v, lora_a, x, scale: float, seed: int, dropo
     seed_lo, seed_hi = seed_halves(seed)
     ks = keep_scale(dropout_p) if has_dropout else 1.0
     args = (
-        grad_y, weight, v, lora_a, x, dora_scale if dora else x, aux_arg, dx_arg, grad_a,
+        grad_y, w, v, lora_a, x, dora_scale if dora else x, aux_arg, dx_arg, grad_a, *quant_ptrs,
         M, N, K, R,
-        grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
+        grad_y.stride(0), grad_y.stride(1), stride_wn, stride_wk,
         v.stride(0), v.stride(1), lora_a.stride(0), lora_a.stride(1),
         x.stride(0), x.stride(1), aux_arg.stride(0), aux_arg.stride(1), dx_arg.stride(0), dx_arg.stride(1),
         grad_a.stride(0), grad_a.stride(1),
@@ -184,7 +201,7 @@ def lora_linear_bwd(grad_y, weight, v, lora_a, x, scale: float, seed: int, dropo
     flags = dict(
         BASE_GEMM=base_gemm, COMPUTE_DX=compute_dx, HAS_DROPOUT=has_dropout, DORA=dora,
         DORA_DROPOUT=dora_dropout, DOT_FP32=configs.dot_fp32(), INPUT_PRECISION=configs.input_precision(x.dtype),
-        BLOCK_R=configs.block_rank(R),
+        BLOCK_R=configs.block_rank(R), **quant_flags,
     )
     if configs.use_fixed_config():
         meta = configs.fixed_config("linear_bwd", flags["BLOCK_R"], x.element_size(), flags)

@@ -18,12 +18,14 @@ import triton
 import triton.language as tl
 
 from . import configs
+from .dequant import load_w4, weight_operands
 from .dropout import mma
 
 
 @triton.jit
 def _lora_linear_fwd_kernel(
     x_ptr, xd_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, c_ptr, y_ptr, h_ptr,
+    absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_xdm, stride_xdk, stride_wn, stride_wk, stride_um, stride_ur,
     stride_bn, stride_br, stride_ym, stride_yn, stride_hm, stride_hn,
@@ -32,8 +34,14 @@ def _lora_linear_fwd_kernel(
     BASE_GEMM: tl.constexpr, HAS_BIAS: tl.constexpr, DORA: tl.constexpr, DORA_DROPOUT: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    QUANT: tl.constexpr = False, W_KIND: tl.constexpr = 0, QBLOCK: tl.constexpr = 1, QBLOCK2: tl.constexpr = 1,
+    NESTED: tl.constexpr = False, IDX64: tl.constexpr = False,
 ):
     """x, xd: M×K, w: N×K, bias: N, u: M×R, b (lora_b): N×R, c: N (fp32), y, h: M×N.
+
+    QUANT (fused path only): w_ptr is a 4-bit weight's packed bytes (bitsandbytes' flat N×K layout,
+    ceil(N·K/2) uint8) with its absmax / code / nested operands, and each W tile is decoded in
+    registers by :func:`.dequant.load_w4` into W_KIND (x's dtype), never written to memory.
 
     y is an input too when not BASE_GEMM (and h when DORA_DROPOUT and not BASE_GEMM). HAS_BIAS:
     BASE_GEMM adds b; otherwise y already holds it (DoRA subtracts it to recover x·Wᵀ).
@@ -63,8 +71,12 @@ def _lora_linear_fwd_kernel(
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             k_in = offs_k < K
-            w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                        mask=k_in[:, None] & n_in[None, :], other=0.0)
+            if QUANT:
+                w = tl.trans(load_w4(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, k0, N, K,
+                                     QBLOCK, QBLOCK2, NESTED, W_KIND, IDX64, BLOCK_N, BLOCK_K, DOT_FP32))
+            else:
+                w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                            mask=k_in[:, None] & n_in[None, :], other=0.0)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=m_in[:, None] & k_in[None, :], other=0.0)
             acc = mma(x, w, acc, DOT_FP32, INPUT_PRECISION)
@@ -116,7 +128,7 @@ def _lora_linear_fwd_kernel(
 
 _lora_linear_fwd_tuned = triton.autotune(
     configs=configs.autotune_configs("linear_fwd"),
-    key=["KEY_TOKENS", "N", "K", "R", "BASE_GEMM", "HAS_BIAS", "DORA", "DORA_DROPOUT"],
+    key=["KEY_TOKENS", "N", "K", "R", "BASE_GEMM", "HAS_BIAS", "DORA", "DORA_DROPOUT", "QUANT", "NESTED"],
     prune_configs_by={"early_config_prune": configs.prune_by_rank("linear_fwd")},
     # the hybrid path accumulates into y (and h): tuning runs must not compound
     restore_value=["y_ptr", "h_ptr"],
@@ -125,6 +137,9 @@ _lora_linear_fwd_tuned = triton.autotune(
 
 def lora_linear_fwd(x, weight, bias, u, lora_b, scale: float, y=None, dora_scale=None, h=None, x_dropped=None):
     """The forward GEMM + epilogue. x: M×K, weight: N×K, bias: N or None, u: M×r, lora_b: N×r; any strides.
+
+    ``weight`` may be a :class:`lora_kernels.quant.QuantizedWeight` on the fused path (y is None):
+    its tiles are decoded to x's dtype inside the K loop (no N×K tensor is written).
 
     Fused (y is None): computes x·Wᵀ itself. Hybrid (y given, holding x·Wᵀ, plus b for LoRA):
     finishes y in place. ``bias``: fused, added by the kernel; hybrid, y already holds it (LoRA
@@ -138,16 +153,19 @@ def lora_linear_fwd(x, weight, bias, u, lora_b, scale: float, y=None, dora_scale
     base_gemm = y is None
     dora = dora_scale is not None
     dora_dropout = dora and x_dropped is not None
+    w, stride_wn, stride_wk, quant_ptrs, quant_flags = weight_operands(weight, x.dtype, x)
+    if quant_flags["QUANT"] and not base_gemm:
+        raise ValueError("a 4-bit weight is decoded inside the fused GEMM only (y must be None)")
     if base_gemm:
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
     xd = x_dropped if dora_dropout else x
     args = (
-        x, xd, weight, bias if bias is not None else x, u, lora_b,
-        dora_scale if dora else x, y, h if dora else y,
+        x, xd, w, bias if bias is not None else x, u, lora_b,
+        dora_scale if dora else x, y, h if dora else y, *quant_ptrs,
         M, N, K, R,
-        x.stride(0), x.stride(1), xd.stride(0), xd.stride(1), weight.stride(0), weight.stride(1),
+        x.stride(0), x.stride(1), xd.stride(0), xd.stride(1), stride_wn, stride_wk,
         u.stride(0), u.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
         (h if dora else y).stride(0), (h if dora else y).stride(1),
         float(scale), configs.m_bucket(M),
@@ -155,7 +173,7 @@ def lora_linear_fwd(x, weight, bias, u, lora_b, scale: float, y=None, dora_scale
     flags = dict(
         BASE_GEMM=base_gemm, HAS_BIAS=bias is not None, DORA=dora, DORA_DROPOUT=dora_dropout,
         DOT_FP32=configs.dot_fp32(), INPUT_PRECISION=configs.input_precision(x.dtype),
-        BLOCK_R=configs.block_rank(R),
+        BLOCK_R=configs.block_rank(R), **quant_flags,
     )
     if configs.use_fixed_config():
         meta = configs.fixed_config("linear_fwd", flags["BLOCK_R"], x.element_size(), flags)

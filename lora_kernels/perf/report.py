@@ -478,6 +478,8 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="compile every autotune candidate left after pruning (slow); default: the default configs")
     p.add_argument("--quick", action="store_true", help="q/o only (one shape, p = 0 and 0.1)")
     p.add_argument("--out", default="inspect_out", help="output folder for report.json and report.md")
+    p.add_argument("--qlora", action="store_true",
+                   help="add the 4-bit (NF4, nested, blocksize 64) section: lora_kernels.perf.qlora_model")
 
 
 def options_from_args(args) -> dict:
@@ -524,6 +526,12 @@ def cli(args) -> int:
         report = run(**opts, progress=lambda m: print(m, file=sys.stderr, flush=True))
     os.makedirs(args.out, exist_ok=True)
     md = report_markdown(report)
+    if getattr(args, "qlora", False):  # the QLoRA section (lora_kernels/perf/qlora_model.py)
+        from . import qlora_model
+
+        report["qlora"] = qlora_model.run_isolated(**{k: opts[k] for k in ("projections", "tokens", "ranks", "dropouts")
+                                                      if opts.get(k)}, gpu=opts["gpu"])
+        md += "\n\n" + qlora_model.section_markdown(report["qlora"])
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(args.out, "report.md"), "w") as f:
