@@ -63,7 +63,8 @@ def main() -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # for the subprocesses too
-    from lora_kernels.benchmark import env_info, load_results, report_markdown
+    from lora_kernels.benchmarks.env import env_info
+    from lora_kernels.benchmarks.report import load_results, report_markdown
 
     info = env_info()
     with open(os.path.join(args.out, "env.json"), "w") as f:

@@ -1,4 +1,4 @@
-"""pytest-benchmark benchmarks of the providers of ``lora-kernels bench`` (lora_kernels.benchmark),
+"""pytest-benchmark benchmarks of the providers of ``lora-kernels bench`` (lora_kernels.benchmarks),
 each validated once (y and every gradient against an fp32 reference) before it is timed.
 
     python -m pytest bench/ --benchmark-only                     # add --benchmark-json=out.json to keep figures
@@ -13,31 +13,31 @@ import os
 import pytest
 import torch
 
-from lora_kernels import benchmark as bm
+from lora_kernels.benchmarks import providers, rows as rows_mod, shapes, validation
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-SHAPES = ([bm.Shape("q/o 4096→4096", 2048, 4096, 4096, 16, 0.1, dora=dora) for dora in (False, True)]
-          if CUDA else bm.cpu_quick_shapes())
+SHAPES = ([shapes.Shape("q/o 4096→4096", 2048, 4096, 4096, 16, 0.1, dora=dora) for dora in (False, True)]
+          if CUDA else shapes.cpu_quick_shapes())
 
 
-@pytest.mark.parametrize("mode", bm.MODES)
-@pytest.mark.parametrize("provider", bm.PROVIDERS)
+@pytest.mark.parametrize("mode", rows_mod.MODES)
+@pytest.mark.parametrize("provider", providers.PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_provider(benchmark, shape, provider, mode):
     if provider == "compile" and not CUDA and os.environ.get("LORA_KERNELS_BENCH_COMPILE") != "1":
         pytest.skip("torch.compile on CPU takes minutes; set LORA_KERNELS_BENCH_COMPILE=1 to include it")
     if provider == "compile":
         torch._dynamo.reset()
-    problem = bm.make_problem(shape, DEVICE)
+    problem = providers.make_problem(shape, DEVICE)
     try:
-        made = bm.provider_fn(provider, shape, problem)
-    except bm.Unavailable as exc:
+        made = providers.provider_fn(provider, shape, problem)
+    except providers.Unavailable as exc:
         pytest.skip(str(exc))
     if made is None:
         pytest.skip(f"{provider} does not apply to {shape.kind}")
-    errors = bm.validate(provider, shape, problem)
-    assert max(errors.values()) <= bm.VALIDATION_TOL[shape.dtype], errors
+    errors = validation.validate(provider, shape, problem)
+    assert max(errors.values()) <= validation.VALIDATION_TOL[shape.dtype], errors
 
     grad = problem[5]
     sync = torch.cuda.synchronize if CUDA else (lambda: None)

@@ -1,4 +1,4 @@
-"""The benchmark harness (lora_kernels.benchmark) on CPU: it validates (y and gradients), times,
+"""The layer bench (lora_kernels.benchmarks) on CPU: it validates (y and gradients), times,
 computes ratios and accounts saved bytes. CPU timings say nothing about GPU speed; saved bytes are
 exact on any device, so those are asserted exactly."""
 import math
@@ -7,9 +7,12 @@ import sys
 import pytest
 import torch
 
-from lora_kernels import benchmark as bm
 from lora_kernels import torch_backend
-from lora_kernels.benchmark import Row, Shape, markdown_table, run_shape
+from lora_kernels.benchmarks import layer, measure, plots, progress, report as rep, rows as rows_mod, shapes as shp
+from lora_kernels.benchmarks.layer import run_shape
+from lora_kernels.benchmarks.report import markdown_table
+from lora_kernels.benchmarks.rows import Row
+from lora_kernels.benchmarks.shapes import Shape
 
 
 def test_bench_rows_and_saved_bytes_on_cpu():
@@ -19,7 +22,7 @@ def test_bench_rows_and_saved_bytes_on_cpu():
                                                       for m in ("fwd", "fwdbwd")]
     by = {r.provider: r for r in rows if r.mode == "fwdbwd"}
     for r in rows:
-        assert r.ms_p20 <= r.ms_median <= r.ms_p80 and len(r.times_ms) >= bm.CPU_MIN_REPS and math.isfinite(r.tflops)
+        assert r.ms_p20 <= r.ms_median <= r.ms_p80 and len(r.times_ms) >= measure.CPU_MIN_REPS and math.isfinite(r.tflops)
         assert "spread" in r.extra and isinstance(r.extra["stable"], bool)
         assert r.extra["rel_err"] < 1e-4
         assert r.peak_mem_mb is None  # no CUDA: no peak-memory figure rather than a made-up one
@@ -51,7 +54,7 @@ def test_bench_dora_rows_on_cpu():
 
 
 def test_invalid_provider_is_reported_not_timed(monkeypatch):
-    monkeypatch.setattr(bm, "validate", lambda *a, **k: {"y": float("nan")})
+    monkeypatch.setattr(layer, "validate", lambda *a, **k: {"y": float("nan")})
     rows = run_shape(Shape("tiny", 32, 64, 48, 4, 0.0, "float32"), ["torch"], "cpu", modes=("fwd",))
     assert [r.mode for r in rows] == ["invalid"] and math.isnan(rows[0].ms_median)
 
@@ -99,14 +102,14 @@ def test_ratios_and_tables_from_known_figures():
     rows = [_row("base", "fwdbwd", 1.0, saved_bytes=0), _row("unfused", "fwdbwd", 4.0, saved_bytes=3 * 2**20),
             _row("fused", "fwdbwd", 2.0, saved_bytes=2048), _row("hybrid", "fwdbwd", 1.6, saved_bytes=2048),
             _row("peft", "skipped", float("nan"), extra={"reason": "peft is not installed"})]
-    bm.add_ratios(rows)
+    rows_mod.add_ratios(rows)
     hybrid = rows[3]
     assert hybrid.ratios == {"vs_base": pytest.approx(1.6), "speedup_vs_unfused": pytest.approx(2.5)}
     table = markdown_table(rows)
     line = table.splitlines()[2]
     # best of ours is hybrid: 1.6× the floor, 2.5× faster than unfused; saved 2 KiB vs 3 MiB
     assert "| 1.6× (hybrid) | 2.5× |" in line and "2.0 KiB / 3.0 MiB" in line and "| skipped |" in line
-    details = bm.markdown_details(rows)
+    details = rep.markdown_details(rows)
     assert "peft is not installed" in details and "1.600 [1.600–1.600]" in details
 
 
@@ -130,7 +133,7 @@ def test_cpu_report_separates_measured_modeled_and_unstable(monkeypatch):
                "kind": "lora", "path": "hybrid", "efficiency": "ideal", "ratio_vs_base": 1.234, "launches": 6,
                "time_us": 700.0, "base_us": 567.0, "modeled": True}
     monkeypatch.setattr(perf, "modeled_ratios", lambda **kw: [modeled])  # the report itself is tested elsewhere
-    report = bm.cpu_report(rows)
+    report = rep.cpu_report(rows)
     assert "## 1. Validation" in report and "ok 1e-07" in report
     assert "## 2. Bytes saved for backward" in report and "3.0 MiB" in report
     assert "## 3. CPU timings" in report and "not timed" in report
@@ -142,48 +145,48 @@ def test_cpu_report_separates_measured_modeled_and_unstable(monkeypatch):
         raise RuntimeError("ptxas not found")
 
     monkeypatch.setattr(perf, "modeled_ratios", broken)  # a failing report is said, the rest is kept
-    report = bm.cpu_report(rows)
+    report = rep.cpu_report(rows)
     assert "No modeled GPU figures: the compile-level report failed (RuntimeError: ptxas not found)" in report
     assert "## 1. Validation" in report
 
 
 def test_cpu_timer_repeats_until_median_and_spread_are_meaningful():
-    timer = bm.make_timer("cpu")
+    timer = measure.make_timer("cpu")
     times = timer(lambda: None)
-    assert len(times) >= bm.CPU_MIN_REPS and timer.min_reps == bm.CPU_MIN_REPS
-    assert len(bm.make_timer("cpu", cpu_reps=3)(lambda: None)) == 3
+    assert len(times) >= measure.CPU_MIN_REPS and timer.min_reps == measure.CPU_MIN_REPS
+    assert len(measure.make_timer("cpu", cpu_reps=3)(lambda: None)) == 3
     threads = torch.get_num_threads()
     seen = []
-    bm.make_timer("cpu", cpu_reps=1)(lambda: seen.append(torch.get_num_threads()))
-    assert set(seen) == {bm.CPU_THREADS} and torch.get_num_threads() == threads
+    measure.make_timer("cpu", cpu_reps=1)(lambda: seen.append(torch.get_num_threads()))
+    assert set(seen) == {measure.CPU_THREADS} and torch.get_num_threads() == threads
 
 
 def test_default_shapes_are_the_llama_grid():
-    shapes = bm.default_shapes()
+    shapes = shp.default_shapes()
     assert {(s.k, s.n) for s in shapes} == {(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)}
     assert {s.m for s in shapes} == {2048, 8192, 16384} and {s.r for s in shapes} == {8, 16, 64}
     assert {s.dropout_p for s in shapes} == {0.0, 0.1} and {s.dtype for s in shapes} == {"bfloat16"}
     assert {s.dora for s in shapes} == {False, True}
-    quick = bm.quick_shapes()
+    quick = shp.quick_shapes()
     assert quick[0].m == 8192 and quick[0].dropout_p == 0.1 and any(s.dora for s in quick)
-    assert bm.parse_projections("q/o,4096x1024, 14336→4096") == {
+    assert shp.parse_projections("q/o,4096x1024, 14336→4096") == {
         "q/o 4096→4096": (4096, 4096), "4096→1024": (4096, 1024), "14336→4096": (14336, 4096)}
-    grid = bm.grid_shapes({"a": (64, 32)}, [8, 16], [4], [0.0, 0.1], ["float32", "float16"], ["lora", "dora"])
+    grid = shp.grid_shapes({"a": (64, 32)}, [8, 16], [4], [0.0, 0.1], ["float32", "float16"], ["lora", "dora"])
     assert len(grid) == 2 * 2 * 2 * 2 and sum(s.dora for s in grid) == 8
 
 
 def test_plots_degrade_without_matplotlib(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     messages = []
-    files = bm.write_plots([_row("base", "fwdbwd", 1.0, saved_bytes=0)], str(tmp_path), log=messages.append)
+    files = plots.write_plots([_row("base", "fwdbwd", 1.0, saved_bytes=0)], str(tmp_path), log=messages.append)
     assert files == [] and list(tmp_path.iterdir()) == []
     assert "matplotlib is not installed" in messages[0]
 
 
 def test_progress_degrades_without_tqdm(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm", None)
-    assert not bm.progress_available()
-    bar = bm._Progress(3, delay=0.0)
+    assert not progress.progress_available()
+    bar = progress._Progress(3, delay=0.0)
     assert bar.bar is None
     for i in range(3):
         bar.last_line = 0.0
@@ -196,8 +199,8 @@ def test_progress_degrades_without_tqdm(monkeypatch, capsys):
 def test_saved_bytes_counts_only_new_tensors():
     x = torch.randn(16, 8, requires_grad=True)
     w = torch.randn(4, 8)
-    assert bm.saved_bytes(lambda: (x * 2).sum(), {x.data_ptr()}) == 0
-    assert bm.saved_bytes(lambda: (x.exp() @ w.t()).sum(), {x.data_ptr(), w.data_ptr()}) == 16 * 8 * 4
+    assert measure.saved_bytes(lambda: (x * 2).sum(), {x.data_ptr()}) == 0
+    assert measure.saved_bytes(lambda: (x.exp() @ w.t()).sum(), {x.data_ptr(), w.data_ptr()}) == 16 * 8 * 4
 
 
 def test_plots_from_known_figures_gpu_and_cpu_layouts(tmp_path):
@@ -209,12 +212,12 @@ def test_plots_from_known_figures_gpu_and_cpu_layouts(tmp_path):
             row.shape = {**row.shape, "m": m}
             rows.append(row)
     (tmp_path / "gpu").mkdir()
-    gpu = bm.write_plots(rows, str(tmp_path / "gpu"), meta={"gpu": "Some GPU"})
+    gpu = plots.write_plots(rows, str(tmp_path / "gpu"), meta={"gpu": "Some GPU"})
     assert sorted(p.rsplit("/", 1)[1] for p in gpu) == ["memory.png", "speedup.png"]
     for r in rows:
         r.extra["stable"] = r.provider != "unfused"  # an unstable CPU figure is left out of the time plot
     (tmp_path / "cpu").mkdir()
-    cpu = bm.write_plots(rows, str(tmp_path / "cpu"), cpu=True, meta={"cpu": "Some CPU"})
+    cpu = plots.write_plots(rows, str(tmp_path / "cpu"), cpu=True, meta={"cpu": "Some CPU"})
     assert sorted(p.rsplit("/", 1)[1] for p in cpu) == ["cpu_times.png", "memory.png"]
     for path in gpu + cpu:
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -3,7 +3,7 @@ provider and the environment, the markdown table, PNG plots, saved bytes. CPU ti
 about GPU speed, so no test here compares times."""
 import json
 
-from lora_kernels import benchmark as bm
+from lora_kernels.benchmarks import providers as prov, report as rep
 from lora_kernels.cli import main
 
 try:
@@ -28,13 +28,13 @@ def test_bench_quick_writes_json_table_and_plots(tmp_path, capsys):
         assert key in meta
     assert meta["preset"] == "cpu-quick" and meta["shapes_done"] == meta["shapes_total"] == 2
     providers = {r["provider"] for r in rows}
-    assert providers == set(bm.DEFAULT_CPU_PROVIDERS)  # every provider, each reported
+    assert providers == set(prov.DEFAULT_CPU_PROVIDERS)  # every provider, each reported
     for r in rows:
         if r["provider"] == "peft" and r["mode"] == "skipped":
             assert "peft" in r["extra"]["reason"]  # peft missing: reported, not crashed
             continue
         assert r["extra"]["rel_err"] < 1e-4 and r["peak_mem_mb"] is None  # peak: measured on CUDA only
-        if r["provider"] in bm.INTERPRETED_PROVIDERS:  # the interpreter: validated, bytes measured, not timed
+        if r["provider"] in prov.INTERPRETED_PROVIDERS:  # the interpreter: validated, bytes measured, not timed
             assert r["mode"] == "saved" and r["times_ms"] == [] and "interpreter" in r["extra"]["not_timed"], r
             continue
         assert r["mode"] == "fwdbwd", r
@@ -74,10 +74,10 @@ def test_bench_saved_bytes_only_on_a_custom_grid(tmp_path):
                "--providers", "unfused,peft,torch", "--saved-bytes-only", "--no-plots", "--no-progress",
                "--out", str(tmp_path)])
     assert rc == 0
-    rows, meta = bm.load_results(str(tmp_path / "bench.json"))
+    rows, meta = rep.load_results(str(tmp_path / "bench.json"))
     assert meta["modes"] == [] and {r.mode for r in rows} <= {"saved", "skipped"}
     lora = {r.provider: r for r in rows if not r.shape["dora"]}
     assert lora["torch"].saved_bytes == 32 * 4 * 4 < lora["unfused"].saved_bytes
     assert all(r.shape["k"] == 64 and r.shape["n"] == 48 for r in rows)
-    table = bm.markdown_table(rows)  # no timing columns, one saved-bytes column per provider
+    table = rep.markdown_table(rows)  # no timing columns, one saved-bytes column per provider
     assert "| LoRA | 64→48 | 32 | 64→48 | 4 | 0.1 | float32 | 16.5 KiB | 16.5 KiB | 0.5 KiB |" in table
