@@ -100,6 +100,12 @@ def _cmd_bench(args) -> int:
                 if k not in ("lora", "dora"):
                     raise ValueError(f"--kinds: {k!r} is not one of lora, dora")
             shapes = shp.grid_shapes(projections, tokens, ranks, dropouts, dtypes, kinds)
+        if args.quant:  # every shape once per weight format: dense ('none') and / or 4-bit
+            quants = [q.lower() for q in _csv(args.quant)]
+            for q in quants:
+                if q not in ("none", "nf4", "fp4"):
+                    raise ValueError(f"--quant: {q!r} is not one of none, nf4, fp4")
+            shapes = shp.with_quant(shapes, quants)
         providers = _csv(args.providers) or list(prov.DEFAULT_GPU_PROVIDERS if device == "cuda"
                                                  else prov.DEFAULT_CPU_PROVIDERS)
         for p in providers:
@@ -218,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                     "backward and forward+backward. Prints a markdown table; writes bench.json (every raw figure, "
                     "hardware, versions, git commit, date), bench.md and PNG plots to --out. Presets: full (GPU "
                     "default: Llama-3-8B projections), quick (GPU --quick), cpu (CPU default: 1/32-scale shapes), "
-                    "cpu-quick (CPU --quick). CPU timings say nothing about GPU speed; saved-for-backward bytes "
+                    "cpu-quick (CPU --quick); each includes a few QLoRA (NF4) shapes (--quant to choose). CPU "
+                    "timings say nothing about GPU speed; saved-for-backward bytes "
                     "are exact on any device. On a CPU the Triton paths run in Triton's interpreter: they are "
                     "validated and their bytes measured, not timed; the eager providers are timed with enough "
                     "repetitions for a median and its p20-p80 spread.",
@@ -240,8 +247,15 @@ def main(argv: list[str] | None = None) -> int:
                          help="comma-separated subset of bfloat16,float16,float32; default: the preset's")
     p_bench.add_argument("--kinds", default=None, help="lora, dora or lora,dora (with a custom grid; default: lora)")
     p_bench.add_argument("--providers", default=None,
-                         help="comma-separated subset of base,unfused,peft,compile,torch,fused,hybrid "
-                              "(default: base,unfused,peft,fused,hybrid,compile on a GPU; on a CPU no compile, plus torch)")
+                         help="comma-separated subset of base,unfused,peft,compile,torch,fused,hybrid and, for 4-bit "
+                              "shapes (--quant), bnb4-base,peft-qlora,qlora-torch,qlora-fused,qlora-hybrid "
+                              "(default: every one but torch and qlora-torch on a GPU; on a CPU all but compile); "
+                              "a provider runs only on the shapes it applies to")
+    p_bench.add_argument("--quant", default=None,
+                         help="comma-separated weight formats to run every shape with: none (dense), nf4, fp4; "
+                              "a 4-bit shape runs the 4-bit providers on one weight quantised by bitsandbytes (or "
+                              "lora_kernels' quantiser without it) and the dense floor base on its dequantisation "
+                              "(default: the preset's shapes, which include a few nf4 ones)")
     p_bench.add_argument("--modes", default=None, help="comma-separated subset of fwd,bwd,fwdbwd (default: all on a GPU, fwdbwd on a CPU)")
     p_bench.add_argument("--saved-bytes-only", action="store_true",
                          help="validate and measure bytes saved for backward, no timing (exact on CPU too)")

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lora_kernels import torch_backend
-from lora_kernels.benchmarks import layer, measure, plots, progress, report as rep, rows as rows_mod, shapes as shp
+from lora_kernels.benchmarks import layer, measure, plots, progress, providers, report as rep, rows as rows_mod
+from lora_kernels.benchmarks import shapes as shp
 from lora_kernels.benchmarks.layer import run_shape
 from lora_kernels.benchmarks.report import markdown_table
 from lora_kernels.benchmarks.rows import Row
@@ -221,3 +222,76 @@ def test_plots_from_known_figures_gpu_and_cpu_layouts(tmp_path):
     assert sorted(p.rsplit("/", 1)[1] for p in cpu) == ["cpu_times.png", "memory.png"]
     for path in gpu + cpu:
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------ 4-bit (QLoRA) providers
+
+QUANT = ["base", "bnb4-base", "peft-qlora", "qlora-torch", "qlora-fused", "qlora-hybrid"]
+
+
+@pytest.mark.parametrize("quant_type,dora", [("nf4", False), ("fp4", False), ("nf4", True)])
+def test_4bit_providers_validate_on_one_weight_and_ours_save_less_than_peft_qlora(quant_type, dora):
+    """Every 4-bit provider on the same 4-bit weight, validated against the reference on its
+    dequantisation (ours at p = 0.1 with the seeded mask; PEFT at p = 0); at p = 0.1 ours keep no
+    dropped-out copy of x, PEFT QLoRA does (bytes measured, compared, not hard-coded)."""
+    shape = Shape("tiny", 48, 128, 40, 4, 0.1, "float32", dora=dora, quant=quant_type)
+    rows = run_shape(shape, ["unfused", "torch"] + QUANT, "cpu", modes=(),
+                     untimed=providers.INTERPRETED_PROVIDERS)
+    by = {r.provider: r for r in rows}
+    assert "unfused" not in by and "torch" not in by  # dense LoRA providers do not apply to a 4-bit shape
+    assert by["base"].mode == "saved" and by["base"].saved_bytes == 0  # the dense floor, on deq(W)
+    for ours in providers.OUR_QUANT_PROVIDERS:
+        assert by[ours].mode == "saved" and by[ours].extra["rel_err"] < 1e-5, by[ours]
+        assert set(by[ours].extra["errors"]) == ({"y", "dx", "dA", "dB", "dm"} if dora else {"y", "dx", "dA", "dB"})
+        assert by[ours].saved_bytes == by["qlora-torch"].saved_bytes  # every backend saves the same tensors
+    if by["peft-qlora"].mode == "skipped":
+        assert "not installed" in by["peft-qlora"].extra["reason"]
+        pytest.skip(by["peft-qlora"].extra["reason"])
+    assert by["bnb4-base"].mode == "saved" and by["bnb4-base"].extra["rel_err"] < 1e-5
+    assert by["peft-qlora"].mode == "saved" and by["peft-qlora"].extra["rel_err"] < 1e-5
+    assert by["qlora-torch"].saved_bytes < by["peft-qlora"].saved_bytes
+    assert by["peft-qlora"].saved_bytes - by["qlora-torch"].saved_bytes >= 48 * 128 * 4  # at least drop(x)
+
+
+def test_4bit_problem_shares_the_bitsandbytes_weight():
+    bnb = pytest.importorskip("bitsandbytes")
+    from lora_kernels.benchmarks.quant_providers import quant_provider_fn
+
+    shape = Shape("tiny", 16, 128, 24, 4, 0.0, "float32", quant="nf4")
+    problem = providers.make_problem(shape, "cpu")
+    q = problem.quant
+    assert q.quantiser == "bitsandbytes" and q.qweight.packed.data_ptr() == q.bnb_weight.data_ptr()
+    w = problem[1]  # the dense providers' weight is the dequantisation of the same bytes
+    assert torch.equal(w, bnb.functional.dequantize_4bit(q.bnb_weight.data, q.bnb_weight.quant_state))
+    made = quant_provider_fn("bnb4-base", shape, problem, 2.0)
+    torch.testing.assert_close(made.fn(), torch.nn.functional.linear(problem[0], w, problem[2]))
+
+
+def test_4bit_providers_without_bitsandbytes(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
+    shape = Shape("tiny", 32, 128, 24, 4, 0.1, "float32", quant="nf4")
+    assert providers.make_problem(shape, "cpu").quant.quantiser == "lora_kernels"
+    rows = run_shape(shape, ["bnb4-base", "peft-qlora", "qlora-torch"], "cpu", modes=())
+    by = {r.provider: r for r in rows}
+    for theirs in ("bnb4-base", "peft-qlora"):
+        assert by[theirs].mode == "skipped" and by[theirs].extra["reason"] == "unavailable: bitsandbytes not installed"
+    assert by["qlora-torch"].mode == "saved" and by["qlora-torch"].extra["rel_err"] < 1e-5
+
+
+def test_quant_shapes_and_4bit_ratios():
+    shapes = shp.with_quant(shp.cpu_quick_shapes(), ["none", "nf4"])
+    assert [(s.dora, s.quant) for s in shapes] == [(False, None), (False, "nf4"), (True, None), (True, "nf4"),
+                                                   (False, None), (False, "nf4")]
+    assert shapes[1].kind == "LoRA nf4" and str(Shape("a", 8, 64, 8, 2, 0.0, quant="fp4")).startswith("LoRA fp4 a ")
+    assert providers.provider_fn("qlora-torch", Shape("a", 8, 64, 8, 2, 0.0, "float32"), None) is None
+    assert any(s.quant == "nf4" for s in shp.cpu_shapes()) and any(s.quant == "nf4" for s in shp.quick_shapes())
+    quant = dict(name="p", m=8, k=4, n=4, r=2, dropout_p=0.1, dtype="float32", dora=False, quant="nf4")
+    rows = [Row(quant, "bnb4-base", "fwdbwd", 2.0), Row(quant, "peft-qlora", "fwdbwd", 6.0),
+            Row(quant, "qlora-torch", "fwdbwd", 3.0), Row(quant, "base", "fwdbwd", 1.0)]
+    rows_mod.add_ratios(rows)
+    by = {r.provider: r for r in rows}
+    assert by["qlora-torch"].ratios["vs_base"] == pytest.approx(1.5)  # the 4-bit floor is bitsandbytes' layer
+    assert by["qlora-torch"].ratios["speedup_vs_peft-qlora"] == pytest.approx(2.0)
+    assert by["bnb4-base"].ratios["vs_base"] == pytest.approx(2.0)  # the 4-bit floor against the dense one
+    line = markdown_table(rows).splitlines()[2]
+    assert line.startswith("| LoRA nf4 | p |") and "| 1.5× (qlora-torch) |" in line

@@ -26,12 +26,15 @@ def test_bench_quick_writes_json_table_and_plots(tmp_path, capsys):
     assert meta["device"] == "cpu" and meta["gpu"] is None and "GPU speed" in meta["note"]
     for key in ("cpu", "torch", "triton", "lora_kernels", "git_commit", "date", "preset"):
         assert key in meta
-    assert meta["preset"] == "cpu-quick" and meta["shapes_done"] == meta["shapes_total"] == 2
+    assert meta["preset"] == "cpu-quick" and meta["shapes_done"] == meta["shapes_total"] == 3
     providers = {r["provider"] for r in rows}
     assert providers == set(prov.DEFAULT_CPU_PROVIDERS)  # every provider, each reported
     for r in rows:
         if r["provider"] == "peft" and r["mode"] == "skipped":
             assert "peft" in r["extra"]["reason"]  # peft missing: reported, not crashed
+            continue
+        if r["provider"] in ("bnb4-base", "peft-qlora") and r["mode"] == "skipped":
+            assert "not installed" in r["extra"]["reason"]  # bitsandbytes (or peft) missing: reported
             continue
         assert r["extra"]["rel_err"] < 1e-4 and r["peak_mem_mb"] is None  # peak: measured on CUDA only
         if r["provider"] in prov.INTERPRETED_PROVIDERS:  # the interpreter: validated, bytes measured, not timed
@@ -40,8 +43,9 @@ def test_bench_quick_writes_json_table_and_plots(tmp_path, capsys):
         assert r["mode"] == "fwdbwd", r
         assert r["ms_median"] > 0 and len(r["times_ms"]) == 1
 
-    def saved(provider, dora):
-        (row,) = [r for r in rows if r["provider"] == provider and r["shape"]["dora"] == dora]
+    def saved(provider, dora, quant=None):
+        (row,) = [r for r in rows if r["provider"] == provider and r["shape"]["dora"] == dora
+                  and r["shape"]["quant"] == quant]
         return row["saved_bytes"]
 
     # p = 0.1: ours keeps u (M×r); unfused keeps drop(x) (M×K) and its mask
@@ -49,6 +53,11 @@ def test_bench_quick_writes_json_table_and_plots(tmp_path, capsys):
         assert saved(ours, False) == 64 * 8 * 4
         assert saved(ours, False) < saved("unfused", False)
         assert saved(ours, True) == saved("torch", True)  # every DoRA path saves the same tensors
+    # the 4-bit shape: ours on the NF4 weight keeps u too, never the weight nor a masked copy
+    for ours in prov.OUR_QUANT_PROVIDERS:
+        assert saved(ours, False, "nf4") == 64 * 8 * 4
+    if saved("peft-qlora", False, "nf4") is not None:  # PEFT QLoRA keeps drop(x) (M×K) beyond u
+        assert saved("peft-qlora", False, "nf4") >= 64 * 128 * 4 + saved("qlora-torch", False, "nf4")
 
     md = (out_dir / "bench.md").read_text()
     assert "AMD" in md or "CPU" in md

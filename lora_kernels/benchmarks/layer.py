@@ -21,7 +21,7 @@ from .measure import CPU_MIN_REPS, CPU_MAX_SPREAD, _peak_mem_mb, make_timer, sav
 from .model_saved import model_saved_bytes
 from .plots import write_plots
 from .progress import _Progress
-from .providers import BASELINES, Unavailable, make_problem, provider_fn
+from .providers import THEIRS, Unavailable, make_problem, provider_fn
 from .report import CPU_NOTE, report_markdown, write_results
 from .rows import MODES, Row, add_ratios
 from .shapes import Shape
@@ -64,7 +64,7 @@ def run_shape(shape: Shape, providers, device: str, modes=MODES, tol: float | No
             continue
         except Exception as exc:  # e.g. another PEFT version's API: a baseline we cannot build is skipped
             reason = f"{type(exc).__name__}: {exc}"[:300]
-            rows.append(Row(sd, provider, "skipped" if provider in BASELINES else "invalid", extra={"reason": reason}))
+            rows.append(Row(sd, provider, "skipped" if provider in THEIRS else "invalid", extra={"reason": reason}))
             continue
         if made is None:
             continue  # does not apply to this shape
@@ -124,7 +124,7 @@ def run_shape(shape: Shape, providers, device: str, modes=MODES, tol: float | No
                 torch.cuda.empty_cache()
             # a baseline that breaks, or any provider out of memory, is skipped; ours crashing is a failure
             oom = "out of memory" in str(exc).lower()
-            rows.append(Row(sd, provider, "skipped" if provider in BASELINES or oom else "invalid",
+            rows.append(Row(sd, provider, "skipped" if provider in THEIRS or oom else "invalid",
                             extra={"reason": f"{type(exc).__name__}: {exc}"[:300]}))
             continue
         for row in prov_rows:

@@ -7,6 +7,7 @@ from .measure import CPU_THREADS
 from .providers import PROVIDERS
 from .report import _stable
 from .rows import Row
+from .shapes import kind_label
 
 
 _COLORS = {p: f"C{i}" for i, p in enumerate(PROVIDERS)}  # one colour per provider in every panel
@@ -14,11 +15,11 @@ _COLORS = {p: f"C{i}" for i, p in enumerate(PROVIDERS)}  # one colour per provid
 
 def _baseline_for(rows_of_group) -> str | None:
     have = {r.provider for r in rows_of_group if r.mode == "fwdbwd"}
-    return next((b for b in ("unfused", "peft", "compile", "base") if b in have), None)
+    return next((b for b in ("unfused", "peft", "peft-qlora", "compile", "base") if b in have), None)
 
 
 def _shape_label(sd: dict) -> str:
-    kind = "DoRA" if sd.get("dora") else "LoRA"
+    kind = kind_label(sd.get("dora"), sd.get("quant"))
     return f"{kind} {sd['name']}, {sd['m']} tokens, r={sd['r']}, p={sd['dropout_p']}"
 
 
@@ -145,7 +146,7 @@ def write_plots(rows: list[Row], out_dir: str, log=print, cpu: bool = False, met
         groups: dict[tuple, list[Row]] = {}
         for r in timed:
             sd = r.shape
-            groups.setdefault(("DoRA" if sd["dora"] else "LoRA", sd["r"], sd["dropout_p"], sd["dtype"]), []).append(r)
+            groups.setdefault((kind_label(sd["dora"], sd.get("quant")), sd["r"], sd["dropout_p"], sd["dtype"]), []).append(r)
         names = list(dict.fromkeys(r.shape["name"] for r in timed))
         fig, axes = plt.subplots(len(groups), len(names), figsize=(4.6 * len(names), 3.6 * len(groups)),
                                  squeeze=False)

@@ -13,6 +13,11 @@ provider, a zero-argument callable computing y with the tensors to differentiate
     fused    lora_kernels, Triton fused path
     hybrid   lora_kernels, Triton hybrid path (cuBLAS GEMMs + Triton LoRA kernels)
 
+On a 4-bit shape (``Shape.quant`` = 'nf4' | 'fp4') the weight is quantised once and every provider
+uses it (:mod:`.quant_providers`: ``bnb4-base``, ``peft-qlora``, ``qlora-torch``, ``qlora-fused``,
+``qlora-hybrid``); ``base`` runs there too, on the dequantised weight in the shape's dtype (the dense
+floor), and the other dense providers do not apply. The 4-bit providers do not apply to dense shapes.
+
 Our providers and ``base`` are validated at the shape's dropout rate (same seeded mask as the
 reference); ``unfused``, ``peft`` and ``compile`` draw their own masks, so they are validated with
 dropout off (:mod:`.validation`).
@@ -30,27 +35,47 @@ from ..reference import dora_weight_norm_ref
 from .shapes import Shape
 
 
-PROVIDERS = ("base", "unfused", "peft", "compile", "torch", "fused", "hybrid")
+DENSE_PROVIDERS = ("base", "unfused", "peft", "compile", "torch", "fused", "hybrid")
+QUANT_PROVIDERS = ("bnb4-base", "peft-qlora", "qlora-torch", "qlora-fused", "qlora-hybrid")  # 4-bit shapes
+PROVIDERS = DENSE_PROVIDERS + QUANT_PROVIDERS
 OUR_PROVIDERS = ("torch", "fused", "hybrid")
-BASELINES = ("unfused", "peft", "compile")  # what users run today
-SAME_MASK_PROVIDERS = ("base",) + OUR_PROVIDERS  # validated at the shape's dropout rate
+OUR_QUANT_PROVIDERS = ("qlora-torch", "qlora-fused", "qlora-hybrid")
+BASELINES = ("unfused", "peft", "compile", "peft-qlora")  # what users run today
+FLOORS = ("base", "bnb4-base")  # the frozen layer alone: y = x·Wᵀ + b, dx only
+THEIRS = BASELINES + ("bnb4-base",)  # a failure to build or run one of these is a skip, not our failure
+SAME_MASK_PROVIDERS = FLOORS + OUR_PROVIDERS + OUR_QUANT_PROVIDERS  # validated at the shape's dropout rate
 
 
 SEED = 1234
 SCALE = 2.0
 
 
-INTERPRETED_PROVIDERS = ("fused", "hybrid")  # run in Triton's interpreter without a GPU
+INTERPRETED_PROVIDERS = ("fused", "hybrid", "qlora-fused", "qlora-hybrid")  # Triton's interpreter without a GPU
 
 
-DEFAULT_GPU_PROVIDERS = ("base", "unfused", "peft", "fused", "hybrid", "compile")
-DEFAULT_CPU_PROVIDERS = ("base", "unfused", "peft", "torch", "fused", "hybrid")
+DEFAULT_GPU_PROVIDERS = ("base", "unfused", "peft", "fused", "hybrid", "compile",
+                         "bnb4-base", "peft-qlora", "qlora-fused", "qlora-hybrid")
+DEFAULT_CPU_PROVIDERS = ("base", "unfused", "peft", "torch", "fused", "hybrid") + QUANT_PROVIDERS
+
+
+def floor_of(provider: str) -> str:
+    """The floor a provider's time is divided by: bitsandbytes' 4-bit layer for the 4-bit LoRA
+    providers, the dense frozen layer for everything else (``bnb4-base`` included)."""
+    return "bnb4-base" if provider in QUANT_PROVIDERS and provider != "bnb4-base" else "base"
+
+
+class Problem(tuple):
+    """(x, W, b, A, B, grad_y, magnitude or None); on a 4-bit shape ``quant`` holds the 4-bit weight
+    (:class:`.quant_providers.QuantProblem`) and W is its dequantisation in the shape's dtype."""
+    quant = None
 
 
 # -------------------------------------------------------------------------------------- providers
 
-def make_problem(shape: Shape, device: str, seed: int = 0):
-    """(x, W, b, A, B, grad_y, magnitude or None), random (B too), in the shape's dtype."""
+def make_problem(shape: Shape, device: str, seed: int = 0) -> Problem:
+    """(x, W, b, A, B, grad_y, magnitude or None), random (B too), in the shape's dtype. On a 4-bit
+    shape W is quantised (by bitsandbytes when installed, else by lora_kernels' own quantiser, whose
+    bytes are equal) and replaced by its dequantisation, so every provider computes the same function."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     dt = shape.torch_dtype
 
@@ -59,6 +84,12 @@ def make_problem(shape: Shape, device: str, seed: int = 0):
 
     x = rnd(shape.m, shape.k).requires_grad_(True)
     w = rnd(shape.n, shape.k, std=shape.k ** -0.5)
+    quant = None
+    if shape.quant:
+        from .quant_providers import quantize_weight
+
+        quant = quantize_weight(w, shape.quant)
+        w = quant.qweight.dequantize(dt)
     bias = rnd(shape.n)
     a = rnd(shape.r, shape.k, std=shape.k ** -0.5).requires_grad_(True)
     b = rnd(shape.n, shape.r, std=shape.r ** -0.5).requires_grad_(True)
@@ -67,7 +98,9 @@ def make_problem(shape: Shape, device: str, seed: int = 0):
     if shape.dora:
         mag = (dora_weight_norm_ref(w.float(), a.detach().float(), b.detach().float(), SCALE) * 1.1).to(dt)
         mag.requires_grad_(True)
-    return x, w, bias, a, b, grad, mag
+    problem = Problem((x, w, bias, a, b, grad, mag))
+    problem.quant = quant
+    return problem
 
 
 @dataclass
@@ -99,8 +132,17 @@ def _reference_formula(x, w, bias, a, b, mag, scale: float, p: float):
 
 def provider_fn(provider: str, shape: Shape, problem, scale: float = SCALE,
                 compile_backend: str = "inductor") -> Provider | None:
-    """The provider's callable for ``shape``; None when it does not apply (``unfused`` for DoRA);
+    """The provider's callable for ``shape``; None when it does not apply (``unfused`` for DoRA, a
+    4-bit provider on a dense shape, a dense LoRA provider other than ``base`` on a 4-bit shape);
     raises :class:`Unavailable` when it cannot run here."""
+    if provider in QUANT_PROVIDERS:
+        if not shape.quant:
+            return None
+        from .quant_providers import quant_provider_fn
+
+        return quant_provider_fn(provider, shape, problem, scale)
+    if shape.quant and provider != "base":
+        return None
     x, w, bias, a, b, _, mag = problem
     p = shape.dropout_p
     dora_names = ["dx", "dA", "dB", "dm"] if shape.dora else ["dx", "dA", "dB"]

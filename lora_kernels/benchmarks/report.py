@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict
 
 from .measure import CPU_MAX_SPREAD, CPU_THREADS
-from .providers import BASELINES, OUR_PROVIDERS, PROVIDERS
+from .providers import BASELINES, OUR_PROVIDERS, OUR_QUANT_PROVIDERS, PROVIDERS, floor_of
 from .rows import TIMED, Row
 from .shapes import shape_key
 
@@ -36,18 +36,23 @@ def _group(rows: list[Row], modes=("fwdbwd", "saved", "invalid", "skipped")):
 
 
 def _best_ours(d: dict[str, Row]) -> Row | None:
-    """The fastest of our timed providers (torch, fused, hybrid: every one that was timed), else, for
-    the bytes, the first of ours that was validated without timing."""
-    timed = [d[p] for p in OUR_PROVIDERS if p in d and d[p].mode == "fwdbwd"]
+    """The fastest of our timed providers (torch, fused, hybrid, or their 4-bit twins on a 4-bit
+    shape: every one that was timed), else, for the bytes, the first of ours validated without timing."""
+    ours = OUR_PROVIDERS + OUR_QUANT_PROVIDERS  # a shape has one family or the other
+    timed = [d[p] for p in ours if p in d and d[p].mode == "fwdbwd"]
     if timed:
         return min(timed, key=lambda r: r.ms_median)
-    return next((d[p] for p in OUR_PROVIDERS if p in d and d[p].mode == "saved"), None)
+    return next((d[p] for p in ours if p in d and d[p].mode == "saved"), None)
+
+
+EAGER = ("unfused", "peft", "peft-qlora")  # the eager baseline whose saved bytes are compared with ours
 
 
 def markdown_table(rows: list[Row]) -> str:
     """Summary: one line per shape with the fwd+bwd median of each provider, the best of ours (fused /
-    hybrid, else torch) relative to the floor, its speed-up over each baseline, and the bytes saved
-    for backward by ours and by the eager baseline (unfused; PEFT for DoRA)."""
+    hybrid, else torch) relative to the floor (bitsandbytes' 4-bit layer on a 4-bit shape), its
+    speed-up over each baseline, and the bytes saved for backward by ours and by the eager baseline
+    (unfused; PEFT for DoRA; PEFT QLoRA on a 4-bit shape)."""
     by_shape = _group(rows)
     providers = [p for p in PROVIDERS if any(p in d for d in by_shape.values())]
     if not any(r.mode in TIMED for r in rows):
@@ -72,7 +77,7 @@ def markdown_table(rows: list[Row]) -> str:
                 cells.append(f"{row.ms_median:.3f}")
         best = _best_ours(d)
         timed = best is not None and best.mode == "fwdbwd"
-        base = d.get("base")
+        base = d.get(floor_of(best.provider)) if best is not None else None
         r1 = (f"{best.ms_median / base.ms_median:.3g}× ({best.provider})" if timed and base and base.mode == "fwdbwd"
               else "-")
         ratios = []
@@ -80,7 +85,7 @@ def markdown_table(rows: list[Row]) -> str:
             other = d.get(bl)
             ratios.append(f"{other.ms_median / best.ms_median:.3g}×" if timed and other and other.mode == "fwdbwd"
                           else "-")
-        eager = next((d[e] for e in ("unfused", "peft") if e in d and d[e].saved_bytes is not None), None)
+        eager = next((d[e] for e in EAGER if e in d and d[e].saved_bytes is not None), None)
         r3 = (f"{_mib(best.saved_bytes)} / {_mib(eager.saved_bytes)}"
               if best and eager and best.saved_bytes is not None else "-")
         lines.append(f"| {kind} | {name} | {m} | {r} | {p} | {dt} | " + " | ".join(cells) + f" | {r1} | "
@@ -99,6 +104,21 @@ def saved_bytes_table(by_shape: dict, providers: list[str]) -> str:
                   else _mib(d[prov].saved_bytes)) for prov in providers]
         lines.append(f"| {kind} | {name} | {m} | {k}→{n} | {r} | {p} | {dt} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def quant_saved_lines(by_shape: dict) -> list[str]:
+    """Under the saved-bytes table, one line per 4-bit shape: ours (QLoRA) against PEFT's QLoRA layer."""
+    lines = []
+    for key, d in by_shape.items():
+        ours = next((d[p] for p in OUR_QUANT_PROVIDERS if p in d and d[p].saved_bytes is not None), None)
+        theirs = d.get("peft-qlora")
+        if ours is None or theirs is None or theirs.saved_bytes is None:
+            continue
+        kind, name, m, _, _, r, p, dt = key
+        ratio = f"{ours.saved_bytes / theirs.saved_bytes:.3g}×" if theirs.saved_bytes else "-"
+        lines.append(f"- {kind} {name}, {m} tokens, r={r}, p={p}, {dt}: ours ({ours.provider}) "
+                     f"{_mib(ours.saved_bytes)} vs PEFT QLoRA {_mib(theirs.saved_bytes)} ({ratio})")
+    return (["4-bit shapes, ours vs PEFT QLoRA (bytes saved for backward):", *lines, ""]) if lines else []
 
 
 def validation_table(rows: list[Row]) -> str:
@@ -143,7 +163,7 @@ def cpu_timing_table(rows: list[Row], mode: str = "fwdbwd") -> str:
         return "(nothing was timed)"
     head = ("| kind | projection | tokens | r | p | dtype | "
             + " | ".join(f"{p}: median ms [p20–p80] (reps)" for p in providers)
-            + " | " + " | ".join(f"{p} / base" for p in providers if p != "base") + " |")
+            + " | " + " | ".join(f"{p} / {floor_of(p)}" for p in providers if p != "base") + " |")
     fewest = min(len(r.times_ms) for r in timed)
     lines = [f"Median of {fewest} or more timed calls on {CPU_THREADS} thread(s), p20–p80 in brackets, "
              f"repetitions in parentheses; a figure whose spread exceeds {CPU_MAX_SPREAD:.0%} of its median "
@@ -160,9 +180,9 @@ def cpu_timing_table(rows: list[Row], mode: str = "fwdbwd") -> str:
             return text if _stable(row) else f"unstable: {text}"
 
         cells = [cell(q) for q in providers]
-        base = d.get("base")
-        rel = [(f"{d[q].ms_median / base.ms_median:.3g}×" if q in d and base and _stable(d[q]) and _stable(base)
-                else "-") for q in providers if q != "base"]
+        rel = [(f"{d[q].ms_median / d[floor_of(q)].ms_median:.3g}×"
+                if q in d and floor_of(q) in d and _stable(d[q]) and _stable(d[floor_of(q)]) else "-")
+               for q in providers if q != "base"]
         lines.append(f"| {kind} | {name} | {m} | {r} | {p} | {dt} | " + " | ".join(cells + rel) + " |")
     return "\n".join(lines)
 
@@ -200,6 +220,7 @@ def cpu_report(rows: list[Row]) -> str:
         "", validation_table(rows), "",
         "## 2. Bytes saved for backward per layer (measured, exact; the same on any device)", "",
         saved_bytes_table(by_shape, providers).split("\n", 2)[2], "",
+        *quant_saved_lines(by_shape),
         "## 3. CPU timings (measured on this CPU; forward + backward; they say nothing about GPU speed)", "",
         *(["The Triton paths run in Triton's CPU interpreter here: validated above, not timed.", ""]
           if any(r.extra.get("not_timed") for r in rows) else []),
@@ -225,8 +246,9 @@ def model_saved_markdown(d: dict) -> str:
 def markdown_details(rows: list[Row]) -> str:
     """Every row: median [p20–p80], time / floor, speed-up over each baseline, TFLOP/s, peak memory,
     saved bytes; the reason for invalid or skipped providers."""
+    baselines = [b for b in BASELINES if b != "peft-qlora" or any(r.provider == b for r in rows)]
     head = ("| kind | projection | tokens | r | p | dtype | provider | mode | median ms [p20–p80] | × floor | "
-            + "".join(f"vs {b} | " for b in BASELINES) + "TFLOP/s | peak MiB | saved for bwd | max rel err |")
+            + "".join(f"vs {b} | " for b in baselines) + "TFLOP/s | peak MiB | saved for bwd | max rel err |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
         kind, name, m, _, _, r, p, dt = shape_key(row.shape)
@@ -237,7 +259,7 @@ def markdown_details(rows: list[Row]) -> str:
             continue
         timing = "-" if row.mode == "saved" else f"{row.ms_median:.3f} [{row.ms_p20:.3f}–{row.ms_p80:.3f}]"
         rat = [f"{row.ratios[k]:.3g}×" if k in row.ratios else "-"
-               for k in ["vs_base"] + [f"speedup_vs_{b}" for b in BASELINES]]
+               for k in ["vs_base"] + [f"speedup_vs_{b}" for b in baselines]]
         tf = "-" if row.mode == "saved" else f"{row.tflops:.3g}"
         peak = "-" if row.peak_mem_mb is None else f"{row.peak_mem_mb:.1f}"
         lines.append(lead + f"{timing} | " + " | ".join(rat) + f" | {tf} | {peak} | {_mib(row.saved_bytes)} | "

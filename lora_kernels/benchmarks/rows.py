@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .providers import BASELINES
+from .providers import BASELINES, floor_of
 from .shapes import shape_key
 
 
@@ -32,15 +32,17 @@ class Row:
 
 
 def add_ratios(rows: list[Row]) -> None:
-    """ratios['vs_base'] = time / floor's time (≥ 1 expected); ratios['speedup_vs_X'] = X's time /
+    """ratios['vs_base'] = time / floor's time (≥ 1 expected; the floor is ``bnb4-base`` for the 4-bit
+    LoRA providers, ``base`` otherwise); ratios['speedup_vs_X'] = X's time /
     this time, for each baseline X timed at the same shape and mode."""
     index = {(shape_key(r.shape), r.provider, r.mode): r for r in rows if r.mode in TIMED}
     for r in rows:
         if r.mode not in TIMED:
             continue
         key = shape_key(r.shape)
-        base = index.get((key, "base", r.mode))
-        if base is not None and r.provider != "base":
+        floor = floor_of(r.provider)
+        base = index.get((key, floor, r.mode))
+        if base is not None and r.provider != floor:
             r.ratios["vs_base"] = r.ms_median / base.ms_median
         for bl in BASELINES:
             other = index.get((key, bl, r.mode))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import dora_linear_ref, lora_linear_ref
-from .providers import SAME_MASK_PROVIDERS, SCALE, SEED, provider_fn
+from .providers import FLOORS, SAME_MASK_PROVIDERS, SCALE, SEED, provider_fn
 from .shapes import Shape
 
 
@@ -22,7 +22,8 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 def validate(provider: str, shape: Shape, problem, scale: float = SCALE,
              compile_backend: str = "inductor") -> dict[str, float]:
     """Normwise relative error of y and of every gradient against an fp32 reference on the same
-    inputs (same mask for ``base`` and our providers; the others are validated with dropout off)."""
+    inputs (same mask for the floors and our providers; the others are validated with dropout off).
+    On a 4-bit shape the reference runs on the dequantised weight (the problem's W)."""
     x, w, bias, a, b, grad, mag = problem
     p = shape.dropout_p if provider in SAME_MASK_PROVIDERS else 0.0
     made = provider_fn(provider, replace(shape, dropout_p=p), problem, scale, compile_backend)
@@ -30,7 +31,7 @@ def validate(provider: str, shape: Shape, problem, scale: float = SCALE,
     grads = torch.autograd.grad(y, made.params, grad)
     leaves = [t.detach().float().requires_grad_(True) for t in (x, a, b) + ((mag,) if shape.dora else ())]
     w32, b32 = w.float(), bias.float()
-    if provider == "base":
+    if provider in FLOORS:
         leaves = leaves[:1]
         ref = F.linear(leaves[0], w32, b32)
     elif shape.dora:
