@@ -4,8 +4,9 @@ each validated once (y and every gradient against an fp32 reference) before it i
     python -m pytest bench/ --benchmark-only                     # add --benchmark-json=out.json to keep figures
     LORA_KERNELS_BENCH_COMPILE=1 python -m pytest bench/ ...     # include torch.compile on CPU (minutes)
 
-On a GPU: one Llama-3-8B projection (4096→4096, 2048 tokens, r 16, p 0.1, bf16), LoRA and DoRA. On
-CPU: two tiny shapes, the Triton paths in the interpreter; CPU timings say nothing about GPU speed.
+On a GPU: one Llama-3-8B projection (4096→4096, 2048 tokens, r 16, p 0.1, bf16), LoRA, DoRA and QLoRA
+(NF4). On CPU: three tiny shapes (LoRA, DoRA, QLoRA NF4), the Triton paths in the interpreter; CPU
+timings say nothing about GPU speed.
 Not collected by the default test command (``python -m pytest``: testpaths = tests).
 """
 import os
@@ -18,6 +19,7 @@ from lora_kernels.benchmarks import providers, rows as rows_mod, shapes, validat
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 SHAPES = ([shapes.Shape("q/o 4096→4096", 2048, 4096, 4096, 16, 0.1, dora=dora) for dora in (False, True)]
+          + [shapes.Shape("q/o 4096→4096", 2048, 4096, 4096, 16, 0.1, quant="nf4")]
           if CUDA else shapes.cpu_quick_shapes())
 
 
@@ -60,7 +62,7 @@ def test_provider(benchmark, shape, provider, mode):
     benchmark.extra_info.update(shape=str(shape), provider=provider, mode=mode, device=DEVICE,
                                 max_rel_err=max(errors.values()),
                                 tflop=shape.flops(mode, provider) / 1e12)
-    if provider in ("fused", "hybrid") and not CUDA:  # the interpreter: a few rounds only
+    if provider in providers.INTERPRETED_PROVIDERS and not CUDA:  # the interpreter: a few rounds only
         benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
     else:
         benchmark(step)

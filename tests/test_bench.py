@@ -267,6 +267,16 @@ def test_4bit_problem_shares_the_bitsandbytes_weight():
     torch.testing.assert_close(made.fn(), torch.nn.functional.linear(problem[0], w, problem[2]))
 
 
+def test_bitsandbytes_cpu_straddling_blocks_are_reported_not_failed():
+    pytest.importorskip("bitsandbytes")
+    shape = Shape("tiny", 16, 96, 24, 4, 0.0, "float32", quant="nf4")  # 96: a multiple of 16, not of 64
+    rows = run_shape(shape, ["bnb4-base", "peft-qlora", "qlora-torch"], "cpu", modes=())
+    by = {r.provider: r for r in rows}
+    for theirs in ("bnb4-base", "peft-qlora"):
+        assert by[theirs].mode == "skipped" and "straddle two rows" in by[theirs].extra["reason"]
+    assert by["qlora-torch"].mode == "saved"  # ours is right there: validated against the reference
+
+
 def test_4bit_providers_without_bitsandbytes(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
     shape = Shape("tiny", 32, 128, 24, 4, 0.1, "float32", quant="nf4")

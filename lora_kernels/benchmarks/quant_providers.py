@@ -63,6 +63,11 @@ def _bnb_linear(shape: Shape, problem) -> torch.nn.Module:
     """bitsandbytes' Linear4bit on the problem's Params4bit and bias (shared, not copied)."""
     bnb = _bnb()
     quant = problem.quant
+    if problem[0].device.type == "cpu" and shape.k % 16 == 0 and shape.k % BLOCKSIZE:
+        # tests/test_quant_bnb.py::test_bnb_cpu_kernel_straddling_bug_is_where_we_say pins this down
+        raise Unavailable(f"unavailable: bitsandbytes' CPU dequantiser mis-scales 4-bit blocks that straddle two "
+                          f"rows when in_features ({shape.k}) is a multiple of 16 but not of the blocksize "
+                          f"({BLOCKSIZE}); use in_features a multiple of {BLOCKSIZE} on CPU")
     if quant.bnb_weight is None:  # bitsandbytes was installed after the problem was made: not the same weight
         raise Unavailable("unavailable: the 4-bit weight was not made by bitsandbytes")
     x, bias = problem[0], problem[2]
