@@ -10,7 +10,8 @@ from .rows import Row
 from .shapes import kind_label
 
 
-_COLORS = {p: f"C{i}" for i, p in enumerate(PROVIDERS)}  # one colour per provider in every panel
+# one colour per provider in every panel: the default cycle (C0-C9), then two more for the 12 providers
+_COLORS = {p: (f"C{i}" if i < 10 else ("#8c6d31", "#7b4173")[i - 10]) for i, p in enumerate(PROVIDERS)}
 
 
 def _baseline_for(rows_of_group) -> str | None:
