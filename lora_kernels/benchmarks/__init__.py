@@ -1,9 +1,11 @@
 """The benchmarks behind ``lora-kernels bench``, one module per job:
 
 Layer bench (one LoRA / DoRA / QLoRA layer, provider against provider):
-    shapes        Shape, the Llama-3-8B projections, presets and custom grids
+    shapes        Shape (dense or 4-bit), the Llama-3-8B projections, presets and custom grids
     providers     the problem's random inputs and each provider's callable (ours, the frozen floor,
                   unfused eager, PEFT, torch.compile)
+    quant_providers  the 4-bit ones, on one NF4 / FP4 weight: bitsandbytes' Linear4bit, PEFT QLoRA,
+                  ours (qlora-torch / -fused / -hybrid)
     validation    y and every gradient against the fp32 reference, before anything is timed
     measure       timers (CUDA / CPU), exact bytes saved for backward, peak CUDA memory
     rows          Row (one measurement) and the ratios between rows
