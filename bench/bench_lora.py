@@ -1,4 +1,4 @@
-"""LoRA linear microbenchmarks: a thin wrapper over :mod:`lora_kernels.benchmark`, the harness that
+"""LoRA linear microbenchmarks: a thin wrapper over :mod:`lora_kernels.benchmarks`, the harness that
 ``lora-kernels bench`` runs (it lives in the package so the console script works after
 ``pip install -e .``).
 
@@ -18,33 +18,17 @@ if __name__ == "__main__":  # the Triton interpreter must be on before the kerne
         os.environ.setdefault("TRITON_INTERPRET", "1")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lora_kernels.benchmark import (  # noqa: E402,F401  (re-exported for scripts and older imports)
-    BASELINES,
-    LLAMA3_8B_PROJECTIONS,
-    MODES,
-    OUR_PROVIDERS,
-    PRESETS,
-    PROVIDERS,
-    Row,
-    Shape,
-    add_ratios,
-    default_shapes,
-    env_info,
-    load_results,
-    make_problem,
-    make_timer,
-    markdown_details,
-    markdown_table,
-    provider_fn,
-    quick_shapes,
-    report_markdown,
-    run_bench,
-    run_shape,
-    saved_bytes,
-    validate,
-    write_plots,
-    write_results,
-)
+from lora_kernels.benchmarks.env import env_info  # noqa: E402,F401  (re-exported for scripts)
+from lora_kernels.benchmarks.layer import run_bench, run_shape  # noqa: E402,F401
+from lora_kernels.benchmarks.measure import make_timer, saved_bytes  # noqa: E402,F401
+from lora_kernels.benchmarks.plots import write_plots  # noqa: E402,F401
+from lora_kernels.benchmarks.providers import (  # noqa: E402,F401
+    BASELINES, OUR_PROVIDERS, PROVIDERS, make_problem, provider_fn)
+from lora_kernels.benchmarks.report import (  # noqa: E402,F401
+    load_results, markdown_details, markdown_table, report_markdown, write_results)
+from lora_kernels.benchmarks.rows import MODES, Row, add_ratios  # noqa: E402,F401
+from lora_kernels.benchmarks.shapes import LLAMA3_8B_PROJECTIONS, PRESETS, Shape, default_shapes, quick_shapes  # noqa: E402,F401
+from lora_kernels.benchmarks.validation import validate  # noqa: E402,F401
 
 if __name__ == "__main__":
     from lora_kernels.cli import main

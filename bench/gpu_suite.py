@@ -12,8 +12,10 @@ matplotlib and tqdm too). Steps, each bounded in time, each writing its log unde
   3. check.log, check.json     `lora-kernels check --summary` on the GPU grid (autotuned configs)
   4. bench.log, bench.json,    `lora-kernels bench --quick`: fused / hybrid vs the frozen base, the
      bench.md, *.png           unfused cuBLAS+addmm_ path, PEFT and torch.compile at Llama-3-8B
-                               shapes, LoRA and DoRA, most informative shapes first, until the time
-                               budget ends (bench.json is rewritten after every shape)
+                               shapes, LoRA and DoRA, then QLoRA (NF4: qlora-fused / qlora-hybrid vs
+                               bitsandbytes' 4-bit floor and PEFT QLoRA when bitsandbytes is there),
+                               most informative shapes first, until the time budget ends (bench.json
+                               is rewritten after every shape)
   5. model_1b/, model_bench.log  `lora-kernels bench --model 1b` (whole training steps, PEFT vs inject
                                vs convert) in the time left, at most ~110 s
   6. status.json               exit codes and timings of the steps
@@ -63,7 +65,8 @@ def main() -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # for the subprocesses too
-    from lora_kernels.benchmark import env_info, load_results, report_markdown
+    from lora_kernels.benchmarks.env import env_info
+    from lora_kernels.benchmarks.report import load_results, report_markdown
 
     info = env_info()
     with open(os.path.join(args.out, "env.json"), "w") as f:

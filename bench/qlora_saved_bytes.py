@@ -2,6 +2,9 @@
 (CPU, exact byte counts of the tensors autograd keeps; the input x is excluded as it is alive anyway).
 
     PYTHONPATH=. python bench/qlora_saved_bytes.py      (needs bitsandbytes and peft)
+
+The layer bench measures the same for any shape, with every provider validated first and PEFT's
+default (fp32) adapters: lora-kernels bench --saved-bytes-only --quant nf4 (docs/qlora.md).
 """
 import copy, logging, torch
 logging.disable(logging.WARNING)

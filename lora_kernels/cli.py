@@ -67,12 +67,12 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    if args.model:  # whole-model training steps side by side with PEFT (lora_kernels/model_bench.py)
-        from .model_bench import run_from_bench_args
+    if args.model:  # whole-model training steps side by side with PEFT (lora_kernels/benchmarks/model.py)
+        from .benchmarks.model import run_from_bench_args
 
         return run_from_bench_args(args)
     device = _use_interpreter_without_gpu(args.device)
-    from . import benchmark as bm
+    from .benchmarks import layer, measure, providers as prov, report, rows as rows_mod, shapes as shp
 
     preset = args.preset or (("quick" if device == "cuda" else "cpu-quick") if args.quick
                              else ("full" if device == "cuda" else "cpu"))
@@ -80,12 +80,12 @@ def _cmd_bench(args) -> int:
         print(f"lora-kernels bench: preset {preset!r} has Llama-3-8B shapes, far too large for a CPU (the Triton "
               "paths run in the interpreter); use --preset cpu or cpu-quick, or --allow-large-on-cpu", file=sys.stderr)
         return 2
-    shapes = bm.PRESETS[preset][0]()
+    shapes = shp.PRESETS[preset][0]()
     axes = [args.projections, args.tokens, args.ranks, args.dropouts, args.dtypes, args.kinds]
     custom = any(a is not None for a in axes)
     try:
         if custom:  # a custom grid: the cross product, the preset filling gaps
-            projections = (bm.parse_projections(args.projections) if args.projections
+            projections = (shp.parse_projections(args.projections) if args.projections
                            else {s.name: (s.k, s.n) for s in shapes})
             tokens = [int(t) for t in _csv(args.tokens)] if args.tokens else sorted({s.m for s in shapes})
             ranks = [int(r) for r in _csv(args.ranks)] if args.ranks else sorted({s.r for s in shapes})
@@ -99,53 +99,59 @@ def _cmd_bench(args) -> int:
             for k in kinds:
                 if k not in ("lora", "dora"):
                     raise ValueError(f"--kinds: {k!r} is not one of lora, dora")
-            shapes = bm.grid_shapes(projections, tokens, ranks, dropouts, dtypes, kinds)
-        providers = _csv(args.providers) or list(bm.DEFAULT_GPU_PROVIDERS if device == "cuda"
-                                                 else bm.DEFAULT_CPU_PROVIDERS)
+            shapes = shp.grid_shapes(projections, tokens, ranks, dropouts, dtypes, kinds)
+        if args.quant:  # every shape once per weight format: dense ('none') and / or 4-bit
+            quants = [q.lower() for q in _csv(args.quant)]
+            for q in quants:
+                if q not in ("none", "nf4", "fp4"):
+                    raise ValueError(f"--quant: {q!r} is not one of none, nf4, fp4")
+            shapes = shp.with_quant(shapes, quants)
+        providers = _csv(args.providers) or list(prov.DEFAULT_GPU_PROVIDERS if device == "cuda"
+                                                 else prov.DEFAULT_CPU_PROVIDERS)
         for p in providers:
-            if p not in bm.PROVIDERS:
-                raise ValueError(f"--providers: {p!r} is not one of {', '.join(bm.PROVIDERS)}")
+            if p not in prov.PROVIDERS:
+                raise ValueError(f"--providers: {p!r} is not one of {', '.join(prov.PROVIDERS)}")
         # On a CPU only forward + backward is timed by default (one stable figure per provider and shape)
-        default_modes = list(bm.MODES) if device == "cuda" else ["fwdbwd"]
+        default_modes = list(rows_mod.MODES) if device == "cuda" else ["fwdbwd"]
         modes = [] if args.saved_bytes_only else (_csv(args.modes) or default_modes)
         for mode in modes:
-            if mode not in bm.MODES:
-                raise ValueError(f"--modes: {mode!r} is not one of {', '.join(bm.MODES)}")
+            if mode not in rows_mod.MODES:
+                raise ValueError(f"--modes: {mode!r} is not one of {', '.join(rows_mod.MODES)}")
     except ValueError as exc:
         print(f"lora-kernels bench: {exc}", file=sys.stderr)
         return 2
 
     if device == "cuda":
         quick = preset == "quick"
-        timer = bm.make_timer("cuda", warmup_ms=10 if quick else 25, rep_ms=40 if quick else 100)
+        timer = measure.make_timer("cuda", warmup_ms=10 if quick else 25, rep_ms=40 if quick else 100)
     else:
-        timer = bm.make_timer("cpu", cpu_reps=args.reps)
-        print(f"# {bm.CPU_NOTE}")
+        timer = measure.make_timer("cpu", cpu_reps=args.reps)
+        print(f"# {report.CPU_NOTE}")
         if not args.providers:
             print("# torch.compile is left out on CPU by default (Inductor takes ~20 s per shape there); "
                   "add it with --providers")
     print(f"# {'custom grid' if custom else 'preset ' + preset}: {len(shapes)} shapes x {len(providers)} providers "
           f"({', '.join(providers)}), "
           f"modes {', '.join(modes) or 'none (saved bytes only)'}")
-    untimed = () if device == "cuda" or args.time_interpreter else bm.INTERPRETED_PROVIDERS
-    rows, meta, files = bm.run_bench(shapes, providers, device, modes, out_dir=args.out, budget_s=args.budget,
+    untimed = () if device == "cuda" or args.time_interpreter else prov.INTERPRETED_PROVIDERS
+    rows, meta, files = layer.run_bench(shapes, providers, device, modes, out_dir=args.out, budget_s=args.budget,
                                      progress=not args.no_progress, plots=not args.no_plots,
                                      compile_backend=args.compile_backend, timer=timer,
                                      meta_extra={"preset": "custom" if custom else preset, "argv": args.argv},
                                      untimed=untimed, model_bench=not args.no_model)
-    print(f"# {bm.hardware_line(meta)}")
-    print(bm.cpu_report(rows) if device != "cuda" else bm.markdown_table(rows))
+    print(f"# {report.hardware_line(meta)}")
+    print(report.cpu_report(rows) if device != "cuda" else report.markdown_table(rows))
     if meta.get("model_saved"):
         print()
-        print(bm.model_saved_markdown(meta["model_saved"]))
+        print(report.model_saved_markdown(meta["model_saved"]))
     if args.details:
         print()
-        print(bm.markdown_details(rows))
+        print(report.markdown_details(rows))
     for row in rows:
         if row.mode in ("invalid", "skipped"):
             why = row.extra.get("reason") or f"max rel err {row.extra.get('rel_err', float('nan')):.2e} > " \
                                               f"{row.extra.get('tol')}"
-            print(f"# {row.mode}: {row.provider} at {bm.Shape(**row.shape)}: {why}")
+            print(f"# {row.mode}: {row.provider} at {shp.Shape(**row.shape)}: {why}")
     if files:
         print("# wrote " + ", ".join(files))
     invalid = [r for r in rows if r.mode == "invalid"]
@@ -218,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                     "backward and forward+backward. Prints a markdown table; writes bench.json (every raw figure, "
                     "hardware, versions, git commit, date), bench.md and PNG plots to --out. Presets: full (GPU "
                     "default: Llama-3-8B projections), quick (GPU --quick), cpu (CPU default: 1/32-scale shapes), "
-                    "cpu-quick (CPU --quick). CPU timings say nothing about GPU speed; saved-for-backward bytes "
+                    "cpu-quick (CPU --quick); each includes a few QLoRA (NF4) shapes (--quant to choose). CPU "
+                    "timings say nothing about GPU speed; saved-for-backward bytes "
                     "are exact on any device. On a CPU the Triton paths run in Triton's interpreter: they are "
                     "validated and their bytes measured, not timed; the eager providers are timed with enough "
                     "repetitions for a median and its p20-p80 spread.",
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     p_bench.add_argument("--model", default=None, metavar="NAME",
                          help="whole-model training steps instead of layers: tiny (CPU), 1b, llama3-8b-layers; "
-                              "PEFT vs inject vs convert (python -m lora_kernels.model_bench --help for details)")
+                              "PEFT vs inject vs convert (python -m lora_kernels.benchmarks.model --help for details)")
     p_bench.add_argument("--quick", action="store_true", help="a small preset (quick on a GPU, cpu-quick on CPU)")
     p_bench.add_argument("--preset", choices=["full", "quick", "cpu", "cpu-quick"], default=None,
                          help="default: full on a GPU, cpu on a CPU (quick / cpu-quick with --quick)")
@@ -240,8 +247,15 @@ def main(argv: list[str] | None = None) -> int:
                          help="comma-separated subset of bfloat16,float16,float32; default: the preset's")
     p_bench.add_argument("--kinds", default=None, help="lora, dora or lora,dora (with a custom grid; default: lora)")
     p_bench.add_argument("--providers", default=None,
-                         help="comma-separated subset of base,unfused,peft,compile,torch,fused,hybrid "
-                              "(default: base,unfused,peft,fused,hybrid,compile on a GPU; on a CPU no compile, plus torch)")
+                         help="comma-separated subset of base,unfused,peft,compile,torch,fused,hybrid and, for 4-bit "
+                              "shapes (--quant), bnb4-base,peft-qlora,qlora-torch,qlora-fused,qlora-hybrid "
+                              "(default: every one but torch and qlora-torch on a GPU; on a CPU all but compile); "
+                              "a provider runs only on the shapes it applies to")
+    p_bench.add_argument("--quant", default=None,
+                         help="comma-separated weight formats to run every shape with: none (dense), nf4, fp4; "
+                              "a 4-bit shape runs the 4-bit providers on one weight quantised by bitsandbytes (or "
+                              "lora_kernels' quantiser without it) and the dense floor base on its dequantisation "
+                              "(default: the preset's shapes, which include a few nf4 ones)")
     p_bench.add_argument("--modes", default=None, help="comma-separated subset of fwd,bwd,fwdbwd (default: all on a GPU, fwdbwd on a CPU)")
     p_bench.add_argument("--saved-bytes-only", action="store_true",
                          help="validate and measure bytes saved for backward, no timing (exact on CPU too)")

@@ -3,7 +3,7 @@ provider and the environment, the markdown table, PNG plots, saved bytes. CPU ti
 about GPU speed, so no test here compares times."""
 import json
 
-from lora_kernels import benchmark as bm
+from lora_kernels.benchmarks import providers as prov, report as rep
 from lora_kernels.cli import main
 
 try:
@@ -26,22 +26,26 @@ def test_bench_quick_writes_json_table_and_plots(tmp_path, capsys):
     assert meta["device"] == "cpu" and meta["gpu"] is None and "GPU speed" in meta["note"]
     for key in ("cpu", "torch", "triton", "lora_kernels", "git_commit", "date", "preset"):
         assert key in meta
-    assert meta["preset"] == "cpu-quick" and meta["shapes_done"] == meta["shapes_total"] == 2
+    assert meta["preset"] == "cpu-quick" and meta["shapes_done"] == meta["shapes_total"] == 3
     providers = {r["provider"] for r in rows}
-    assert providers == set(bm.DEFAULT_CPU_PROVIDERS)  # every provider, each reported
+    assert providers == set(prov.DEFAULT_CPU_PROVIDERS)  # every provider, each reported
     for r in rows:
         if r["provider"] == "peft" and r["mode"] == "skipped":
             assert "peft" in r["extra"]["reason"]  # peft missing: reported, not crashed
             continue
+        if r["provider"] in ("bnb4-base", "peft-qlora") and r["mode"] == "skipped":
+            assert "not installed" in r["extra"]["reason"]  # bitsandbytes (or peft) missing: reported
+            continue
         assert r["extra"]["rel_err"] < 1e-4 and r["peak_mem_mb"] is None  # peak: measured on CUDA only
-        if r["provider"] in bm.INTERPRETED_PROVIDERS:  # the interpreter: validated, bytes measured, not timed
+        if r["provider"] in prov.INTERPRETED_PROVIDERS:  # the interpreter: validated, bytes measured, not timed
             assert r["mode"] == "saved" and r["times_ms"] == [] and "interpreter" in r["extra"]["not_timed"], r
             continue
         assert r["mode"] == "fwdbwd", r
         assert r["ms_median"] > 0 and len(r["times_ms"]) == 1
 
-    def saved(provider, dora):
-        (row,) = [r for r in rows if r["provider"] == provider and r["shape"]["dora"] == dora]
+    def saved(provider, dora, quant=None):
+        (row,) = [r for r in rows if r["provider"] == provider and r["shape"]["dora"] == dora
+                  and r["shape"]["quant"] == quant]
         return row["saved_bytes"]
 
     # p = 0.1: ours keeps u (M×r); unfused keeps drop(x) (M×K) and its mask
@@ -49,6 +53,11 @@ def test_bench_quick_writes_json_table_and_plots(tmp_path, capsys):
         assert saved(ours, False) == 64 * 8 * 4
         assert saved(ours, False) < saved("unfused", False)
         assert saved(ours, True) == saved("torch", True)  # every DoRA path saves the same tensors
+    # the 4-bit shape: ours on the NF4 weight keeps u too, never the weight nor a masked copy
+    for ours in prov.OUR_QUANT_PROVIDERS:
+        assert saved(ours, False, "nf4") == 64 * 8 * 4
+    if saved("peft-qlora", False, "nf4") is not None:  # PEFT QLoRA keeps drop(x) (M×K) beyond u
+        assert saved("peft-qlora", False, "nf4") >= 64 * 128 * 4 + saved("qlora-torch", False, "nf4")
 
     md = (out_dir / "bench.md").read_text()
     assert "AMD" in md or "CPU" in md
@@ -74,10 +83,10 @@ def test_bench_saved_bytes_only_on_a_custom_grid(tmp_path):
                "--providers", "unfused,peft,torch", "--saved-bytes-only", "--no-plots", "--no-progress",
                "--out", str(tmp_path)])
     assert rc == 0
-    rows, meta = bm.load_results(str(tmp_path / "bench.json"))
+    rows, meta = rep.load_results(str(tmp_path / "bench.json"))
     assert meta["modes"] == [] and {r.mode for r in rows} <= {"saved", "skipped"}
     lora = {r.provider: r for r in rows if not r.shape["dora"]}
     assert lora["torch"].saved_bytes == 32 * 4 * 4 < lora["unfused"].saved_bytes
     assert all(r.shape["k"] == 64 and r.shape["n"] == 48 for r in rows)
-    table = bm.markdown_table(rows)  # no timing columns, one saved-bytes column per provider
+    table = rep.markdown_table(rows)  # no timing columns, one saved-bytes column per provider
     assert "| LoRA | 64→48 | 32 | 64→48 | 4 | 0.1 | float32 | 16.5 KiB | 16.5 KiB | 0.5 KiB |" in table

@@ -91,6 +91,8 @@ def test_bench_rejects_bad_arguments(capsys):
     assert main(["bench", "--modes", "sideways"]) == 2
     assert main(["bench", "--dtypes", "float64", "--tokens", "8"]) == 2
     assert main(["bench", "--projections", "4096by1024"]) == 2
+    assert main(["bench", "--quant", "nf4,int8"]) == 2
+    assert "--quant: 'int8'" in capsys.readouterr().err
     if not torch.cuda.is_available():  # Llama-3-8B shapes are refused on CPU unless asked for
         assert main(["bench", "--preset", "full"]) == 2
         assert "too large for a CPU" in capsys.readouterr().err

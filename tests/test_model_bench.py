@@ -1,4 +1,4 @@
-"""The whole-model bench (lora_kernels/model_bench.py): saved-for-backward counting, the engines'
+"""The whole-model bench (lora_kernels/benchmarks/model.py): saved-for-backward counting, the engines'
 loss agreement, the report files and the command's argument handling, on a micro Llama."""
 import json
 import os
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from lora_kernels import model_bench as mb
-from lora_kernels import model_bench_report as report
+from lora_kernels.benchmarks import model as mb
+from lora_kernels.benchmarks import model_report as report
 from lora_kernels.cli import main as cli_main
 
 MICRO = mb.ModelPreset("micro", hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, vocab=96, batch=2,

@@ -1,11 +1,11 @@
-"""Tables, JSON and the plot of the whole-model bench (:mod:`lora_kernels.model_bench`)."""
+"""Tables, JSON and the plot of the whole-model bench (:mod:`lora_kernels.benchmarks.model`)."""
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import asdict
 
-from .model_bench import CPU_NOTE, OURS, Result, saved_ratio
+from .model import CPU_NOTE, OURS, Result, saved_ratio
 
 
 def _mib(n) -> str:

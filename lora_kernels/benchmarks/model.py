@@ -104,7 +104,7 @@ def default_specs(device: str) -> list[RunSpec]:
     """GPU: every combination of kind (LoRA, DoRA), p (0.05, 0) and checkpointing (off, on). CPU (kept
     small so that ``tiny`` runs in under 3 minutes on two cores): LoRA at p 0.05 and 0, LoRA at p 0.05
     with checkpointing, DoRA at p 0 (where all three engines must agree); ask for the rest with
-    ``--kinds lora,dora`` (and ``--checkpointing off,on`` in ``python -m lora_kernels.model_bench``)."""
+    ``--kinds lora,dora`` (and ``--checkpointing off,on`` in ``python -m lora_kernels.benchmarks.model``)."""
     if device == "cuda":
         return [RunSpec(k, p, gc_) for k in ("lora", "dora") for gc_ in (False, True) for p in (0.05, 0.0)]
     return [RunSpec("lora", 0.05, False), RunSpec("lora", 0.0, False), RunSpec("lora", 0.05, True),
@@ -346,7 +346,7 @@ def copy_into_peft(peft_model: nn.Module, weights: dict) -> int:
 
 @torch.no_grad()
 def copy_into_ours(model: nn.Module, weights: dict) -> int:
-    from .model import lora_layers
+    from ..model import lora_layers
 
     layers = lora_layers(model)
     if set(layers) != set(weights):
@@ -365,7 +365,7 @@ def build_engine(engine: str, base: nn.Module, spec: RunSpec, rank: int, alpha: 
     """(model, info) for ``engine``, adapters set from ``weights`` (PEFT's init) when given."""
     info: dict = {}
     if engine in ("inject", "groups"):
-        from . import LoraConfig, inject
+        from .. import LoraConfig, inject
 
         model = copy.deepcopy(base)
         inject(model, LoraConfig(rank=rank, alpha=alpha, dropout=spec.dropout, target_modules=list(PROJECTIONS),
@@ -373,7 +373,7 @@ def build_engine(engine: str, base: nn.Module, spec: RunSpec, rank: int, alpha: 
         if weights is not None:
             copy_into_ours(model, weights)
         if engine == "groups":
-            from .groups import group_projections
+            from ..groups import group_projections
 
             info = {"groups": len(group_projections(model))}
     else:
@@ -381,7 +381,7 @@ def build_engine(engine: str, base: nn.Module, spec: RunSpec, rank: int, alpha: 
         if weights is not None:
             copy_into_peft(model, weights)
         if engine == "convert":
-            from .peft import convert
+            from ..peft import convert
 
             converted, skipped = convert(model)
             info = {"converted": len(converted), "skipped": skipped}
@@ -519,7 +519,7 @@ def run_model_bench(preset: ModelPreset, specs: list[RunSpec], *, engines=DEFAUL
                 + (f"  ERROR {res.error}" if res.error else f"  losses {' '.join(f'{v:.5f}' for v in res.losses)}"))
         verdicts[spec.label] = add_checks(spec_results, dtype)
         results += spec_results
-    from .benchmark import env_info
+    from .env import env_info
 
     meta = env_info()
     meta.update(preset=asdict(preset), dtype=dtype, rank=rank, alpha=alpha, seq=seq, batch=batch, tokens=batch * seq,
@@ -565,7 +565,7 @@ def run(*, model: str, device: str | None = None, out: str | None = "bench_out",
         allow_large_on_cpu: bool = False, argv=None) -> int:
     """The command: run, print the tables and the ratio, write JSON/markdown/plot. Exit code 0, 1 when a
     loss check fails or an engine errors, 2 for bad arguments."""
-    from . import model_bench_report as report
+    from . import model_report as report
 
     try:
         if model not in PRESETS:
@@ -606,7 +606,7 @@ def run_from_bench_args(args) -> int:
     """``lora-kernels bench --model NAME``: the bench options that mean something for a model run are
     passed on (--device --out --kinds --dropouts --providers as engines --dtypes --ranks --tokens as
     sequence length --reps as timed steps --budget --no-plots --allow-large-on-cpu); the layer-only
-    ones are refused. Checkpointing and warm-up: ``python -m lora_kernels.model_bench``."""
+    ones are refused. Checkpointing and warm-up: ``python -m lora_kernels.benchmarks.model``."""
     layer_only = {"--projections": args.projections, "--modes": args.modes, "--preset": args.preset,
                   "--quick": args.quick or None, "--saved-bytes-only": args.saved_bytes_only or None,
                   "--details": args.details or None}
@@ -633,7 +633,7 @@ def run_from_bench_args(args) -> int:
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="python -m lora_kernels.model_bench", description=__doc__,
+    p = p or argparse.ArgumentParser(prog="python -m lora_kernels.benchmarks.model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help=f"one of {', '.join(PRESETS)} (default tiny)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
@@ -666,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
                 ckpt.append(v == "on")
         dropouts = [float(p) for p in _csv(args.dropouts)] if args.dropouts else None
     except ValueError as exc:
-        print(f"model_bench: {exc}", file=sys.stderr)
+        print(f"lora_kernels.benchmarks.model: {exc}", file=sys.stderr)
         return 2
     return run(model=args.model, device=args.device, out=args.out, kinds=_csv(args.kinds), dropouts=dropouts,
                checkpointing=ckpt, engines=_csv(args.engines), dtype=args.dtype, rank=args.rank, seq=args.seq,
