@@ -53,12 +53,12 @@ def test_engines_agree_and_train(micro_run):
         assert inj.losses == pytest.approx(conv.losses, rel=1e-5)
         assert inj.checks["loss vs convert"]["ok"]
         assert "loss vs peft" not in inj.checks  # different masks from PEFT at p > 0: not compared
-    # the projection-group prototype equals inject at any p (same seeds), and PEFT at p = 0; DoRA: skipped
-    grp = _get(results, "groups", "lora", 0.1)
-    assert grp.losses == pytest.approx(_get(results, "inject", "lora", 0.1).losses, rel=1e-5)
-    assert grp.checks["loss vs inject"]["ok"]
-    dora_grp = _get(results, "groups", "dora", 0.1, True)
-    assert dora_grp.skipped and not dora_grp.losses and dora_grp.error is None
+    # inject is grouped (q/k/v, gate/up), ungrouped is not: equal losses at any p (same seeds), also for
+    # DoRA (whose members the groups leave to their own path)
+    for kind, gc in (("lora", False), ("dora", True)):
+        ungrouped = _get(results, "ungrouped", kind, 0.1, gc)
+        assert ungrouped.losses == pytest.approx(_get(results, "inject", kind, 0.1, gc).losses, rel=1e-5)
+        assert ungrouped.checks["loss vs inject"]["ok"]
     for e in mb.OURS:
         r = _get(results, e, "lora", 0.0)
         assert r.checks["loss vs peft"]["ok"] and r.checks["loss vs peft"]["max_rel_diff"] < 1e-5
@@ -74,7 +74,7 @@ def test_engines_agree_and_train(micro_run):
 def test_saved_bytes_by_category(micro_run):
     results, _ = micro_run
     m_tokens, hidden, ffn = MICRO.tokens, MICRO.hidden, MICRO.intermediate
-    peft_d, inj_d, conv_d = (_get(results, e, "lora", 0.1) for e in mb.DEFAULT_ENGINES)
+    peft_d, inj_d, conv_d, ung_d = (_get(results, e, "lora", 0.1) for e in ("peft", "inject", "convert", "ungrouped"))
     peft_0, inj_0 = _get(results, "peft", "lora", 0.0), _get(results, "inject", "lora", 0.0)
     # PEFT keeps a masked fp32 copy of each projection's input (6 with K = hidden, down with K = ffn)
     # for dA, and nn.Dropout's mask (fp32 on CPU: x·noise saves noise) wherever x requires grad, i.e.
@@ -82,15 +82,20 @@ def test_saved_bytes_by_category(micro_run):
     per_layer = 6 * m_tokens * hidden + m_tokens * ffn
     copies = MICRO.layers * per_layer * 4
     masks = (MICRO.layers * per_layer - 3 * m_tokens * hidden) * 4
-    seeds = MICRO.layers * 7 * 8
+    # one int64 seed per projection that computes alone (o, down; all 7 ungrouped); a group's seeds
+    # travel as Python ints with its op
+    seeds, seeds_ungrouped = MICRO.layers * 2 * 8, MICRO.layers * 7 * 8
     assert peft_d.saved_by_category["masked input copies x⊙Z (M×K)"] == copies
     assert peft_d.saved_by_category["dropout masks"] == masks
-    for r in (inj_d, conv_d, inj_0, peft_0):
+    for r in (inj_d, conv_d, ung_d, inj_0, peft_0):
         assert "masked input copies x⊙Z (M×K)" not in r.saved_by_category
         assert "dropout masks" not in r.saved_by_category
         # u = x·Aᵀ (M×r, fp32) for 7 projections per layer
         assert r.saved_by_category["LoRA u = x·Aᵀ (M×r)"] == MICRO.layers * 7 * m_tokens * 4 * 4
     assert inj_d.saved_by_category["dropout seeds"] == conv_d.saved_by_category["dropout seeds"] == seeds
+    assert ung_d.saved_by_category["dropout seeds"] == seeds_ungrouped
+    # a group saves x once and its members' u side by side: the same bytes as separate layers
+    assert ung_d.saved_bytes - seeds_ungrouped == inj_d.saved_bytes - seeds
     # ours keeps each distinct projection input x instead (q/k/v share one, gate/up another): fewer bytes
     # than PEFT's masks, so ours saves at least a whole set of masked copies less
     assert peft_d.saved_bytes - inj_d.saved_bytes >= copies
@@ -105,7 +110,7 @@ def test_report_files(micro_run, tmp_path):
     results, meta = micro_run
     text = report.summary_text(results, meta)
     assert "| LoRA p=0.1 | inject |" in text and "=convert ok" in text and "=inject ok" in text
-    assert "| DoRA p=0.1 GC | groups | skipped: DoRA" in text
+    assert "| DoRA p=0.1 GC | ungrouped |" in text and "tokens/s grouped/ungrouped" in text
     spec = {"kind": "lora", "dropout": 0.05, "checkpointing": False}
     fake = [mb.Result(spec=spec, engine="peft", saved_bytes=400), mb.Result(spec=spec, engine="inject", saved_bytes=258)]
     assert report.ratio_lines(fake) == ["saved-for-backward ratio inject/PEFT, whole model, LoRA dropout 0.05: 0.645"]

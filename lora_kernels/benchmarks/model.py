@@ -3,18 +3,18 @@
 A Llama-style model is built from a ``transformers.LlamaConfig`` (random weights, nothing is
 downloaded) and LoRA (or DoRA) is put on all seven linear projections (q, k, v, o, gate, up, down)
 with LLaMA-Factory's usual settings (r 16, α 32, dropout 0.05 or 0). Then a few full training steps
-(forward, backward, AdamW step) are run by three engines, one after the other, in one process:
+(forward, backward, AdamW step) are run by these engines, one after the other, in one process:
 
-    peft     PEFT: ``get_peft_model`` (its own LoRA/DoRA layers)
-    inject   ``lora_kernels.inject`` on the same base weights
-    convert  ``lora_kernels.peft.convert`` of a PEFT model (PEFT's modules, our kernels)
-    groups   (opt-in) ``inject``, then q/k/v and gate/up as shared-input projection groups
-             (:mod:`lora_kernels.groups`, a torch-ops prototype: not the Triton path on a GPU)
+    peft       PEFT: ``get_peft_model`` (its own LoRA/DoRA layers)
+    inject     ``lora_kernels.inject`` on the same base weights (q/k/v and gate/up as shared-input
+               projection groups: the default, :mod:`lora_kernels.groups`)
+    convert    ``lora_kernels.peft.convert`` of a PEFT model (PEFT's modules, our kernels; grouped too)
+    ungrouped  ``inject`` with ``group_projections=False``: every projection alone (what the groups save)
 
-All three start from the same adapter weights (PEFT's init, copied into the other two) and see the
-same batch every step. Before step i the torch generator is seeded with ``seed + i``, so ``inject``
-and ``convert`` draw the same dropout seeds: their losses must be equal at any dropout, and all three
-must agree at dropout 0 (PEFT's nn.Dropout masks differ from ours; equal only in distribution).
+All start from the same adapter weights (PEFT's init, copied into the others) and see the same batch
+every step. Before step i the torch generator is seeded with ``seed + i``, so our engines draw the
+same dropout seeds: their losses must be equal at any dropout, and all must agree with PEFT at
+dropout 0 (PEFT's nn.Dropout masks differ from ours; equal only in distribution).
 
 Figures per run: tokens/s of each timed step (after warm-up: median, min, max), the loss of every
 step, memory, and the agreement checks. Memory on CUDA: ``torch.cuda.max_memory_allocated`` during the
@@ -44,9 +44,9 @@ import torch
 from torch import nn
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ENGINES = ("peft", "inject", "convert", "groups")
-DEFAULT_ENGINES = ("peft", "inject", "convert")
-OURS = ("inject", "convert", "groups")
+ENGINES = ("peft", "inject", "convert", "ungrouped")
+DEFAULT_ENGINES = ("peft", "inject", "convert", "ungrouped")
+OURS = ("inject", "convert", "ungrouped")
 CPU_NOTE = "CPU timings: they say nothing about GPU speed"
 # Relative tolerance of the loss agreement checks, by dtype (a few AdamW steps amplify rounding).
 LOSS_RTOL = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 1e-2}
@@ -364,18 +364,14 @@ def copy_into_ours(model: nn.Module, weights: dict) -> int:
 def build_engine(engine: str, base: nn.Module, spec: RunSpec, rank: int, alpha: float, weights: dict | None):
     """(model, info) for ``engine``, adapters set from ``weights`` (PEFT's init) when given."""
     info: dict = {}
-    if engine in ("inject", "groups"):
+    if engine in ("inject", "ungrouped"):
         from .. import LoraConfig, inject
 
         model = copy.deepcopy(base)
         inject(model, LoraConfig(rank=rank, alpha=alpha, dropout=spec.dropout, target_modules=list(PROJECTIONS),
-                                 use_dora=spec.kind == "dora"))
+                                 use_dora=spec.kind == "dora", group_projections=engine == "inject"))
         if weights is not None:
             copy_into_ours(model, weights)
-        if engine == "groups":
-            from ..groups import group_projections
-
-            info = {"groups": len(group_projections(model))}
     else:
         model = make_peft(base, spec, rank, alpha)
         if weights is not None:
@@ -447,8 +443,8 @@ def add_checks(results: list[Result], dtype: str) -> bool:
     tol = LOSS_RTOL[dtype]
     ok = True
     p = results[0].spec["dropout"] if results else 0.0
-    pairs = [("inject", "convert"), ("groups", "inject")] + \
-        ([("inject", "peft"), ("convert", "peft"), ("groups", "peft")] if p == 0 else [])
+    pairs = [("inject", "convert"), ("ungrouped", "inject")] + \
+        ([("inject", "peft"), ("convert", "peft"), ("ungrouped", "peft")] if p == 0 else [])
     for x, y in pairs:
         if x in by and y in by:
             d = _rel_diff(by[x].losses, by[y].losses)
@@ -499,14 +495,11 @@ def run_model_bench(preset: ModelPreset, specs: list[RunSpec], *, engines=DEFAUL
         for engine in engines:
             t0 = time.time()
             res = Result(spec=asdict(spec), engine=engine, tokens=batch * seq)
-            if engine == "groups" and spec.kind == "dora":
-                res.skipped = {"groups": "DoRA members are not supported by the projection-group prototype"}
-                spec_results.append(res)
-                continue
             try:
                 model, info = build_engine(engine, base, spec, rank, alpha, weights)
                 out = train_steps(model, ids, total_steps, warmup, seed=seed + 100, lr=lr, device=device,
-                                  count_saved=not spec.checkpointing, ranks={rank})
+                                  count_saved=not spec.checkpointing,
+                                  ranks={rank, 2 * rank, 3 * rank})  # a group saves its members' u side by side
                 out.spec, out.engine = asdict(spec), engine
                 out.converted, out.skipped = info.get("converted"), info.get("skipped", {})
                 res = out

@@ -85,6 +85,23 @@ def ratio_lines(results: list[Result]) -> list[str]:
             if ratio is not None:
                 out.append(f"saved-for-backward ratio {engine}/PEFT, whole model, {'LoRA' if kind == 'lora' else 'DoRA'}"
                            f" dropout 0.05: {ratio:.3f}")
+    return out + group_lines(results)
+
+
+def group_lines(results: list[Result]) -> list[str]:
+    """What the projection groups change, per run: median tokens/s and peak memory, inject (grouped)
+    over ungrouped, measured side by side in this run."""
+    out = []
+    for r in results:
+        if r.engine != "inject" or not r.step_s:
+            continue
+        u = next((x for x in results if x.engine == "ungrouped" and x.spec == r.spec and x.step_s), None)
+        if u is None:
+            continue
+        line = f"projection groups, {_spec_label(r.spec)}: tokens/s grouped/ungrouped {r.median_tps() / u.median_tps():.3f}"
+        if r.peak_bytes and u.peak_bytes:
+            line += f", peak memory grouped/ungrouped {r.peak_bytes / u.peak_bytes:.3f}"
+        out.append(line)
     return out
 
 
@@ -121,7 +138,7 @@ def load_json(path: str) -> tuple[list[Result], dict]:
     return [Result(**r) for r in data["results"]], data["meta"]
 
 
-_COLORS = {"peft": "C0", "inject": "C1", "convert": "C2", "groups": "C3"}
+_COLORS = {"peft": "C0", "inject": "C1", "convert": "C2", "ungrouped": "C3"}
 
 
 def write_plot(results: list[Result], meta: dict, path: str) -> str | None:
