@@ -80,7 +80,8 @@ def main() -> int:
         # by CI; the fine-tune tests need two PyPI packages the GPU machine does not have).
         gpu_tests = [f"tests/test_{name}.py" for name in (
             "dropout", "kernels", "dora", "backends", "configs", "compile", "determinism", "autocast",
-            "tiny_llama", "properties", "multi_adapter", "quant_kernels", "qlora")]
+            "tiny_llama", "properties", "multi_adapter", "quant_kernels", "qlora", "qlora_fused", "grouped",
+            "groups")]
         status["pytest"] = _run([py, "-m", "pytest", "-q", "--maxfail=20", "--continue-on-collection-errors",
                                  "-p", "no:cacheprovider", *gpu_tests],
                                 os.path.join(args.out, "pytest.log"), timeout=min(170, deadline - time.time() - 200),

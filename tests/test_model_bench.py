@@ -110,7 +110,8 @@ def test_report_files(micro_run, tmp_path):
     results, meta = micro_run
     text = report.summary_text(results, meta)
     assert "| LoRA p=0.1 | inject |" in text and "=convert ok" in text and "=inject ok" in text
-    assert "| DoRA p=0.1 GC | ungrouped |" in text and "tokens/s grouped/ungrouped" in text
+    assert "| DoRA p=0.1 GC | ungrouped |" in text and "groups, LoRA p=0.1: tokens/s grouped/ungrouped" in text
+    assert "groups, DoRA" not in text
     spec = {"kind": "lora", "dropout": 0.05, "checkpointing": False}
     fake = [mb.Result(spec=spec, engine="peft", saved_bytes=400), mb.Result(spec=spec, engine="inject", saved_bytes=258)]
     assert report.ratio_lines(fake) == ["saved-for-backward ratio inject/PEFT, whole model, LoRA dropout 0.05: 0.645"]

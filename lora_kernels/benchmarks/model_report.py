@@ -93,7 +93,7 @@ def group_lines(results: list[Result]) -> list[str]:
     over ungrouped, measured side by side in this run."""
     out = []
     for r in results:
-        if r.engine != "inject" or not r.step_s:
+        if r.engine != "inject" or not r.step_s or r.spec["kind"] == "dora":  # DoRA members are never grouped
             continue
         u = next((x for x in results if x.engine == "ungrouped" and x.spec == r.spec and x.step_s), None)
         if u is None:
