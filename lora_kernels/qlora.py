@@ -26,6 +26,8 @@ gradient for the 4-bit weight (it is frozen by construction).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .quant.dequantize import dequantize as _dequantize_torch
@@ -42,7 +44,21 @@ COMPILE_REASON = ("lora_kernels: LoRA/DoRA on a 4-bit QuantizedWeight runs eager
 
 
 def _eager_only(fn):
-    return torch.compiler.disable(fn, reason=COMPILE_REASON)
+    """``torch.compiler.disable(fn)``, built at the first call rather than at import: building it
+    imports torch._dynamo, which imports triton.language, and a CPU program that switches the Triton
+    interpreter on after ``import lora_kernels`` (the CLI) would then get compiled-mode stdlib helpers
+    (DESIGN.md §5). Dynamo traces the wrapper, builds the disabled function and breaks the graph at
+    its call, as with the decorator applied at import (tests/test_qlora_fused.py)."""
+    disabled = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn, reason=COMPILE_REASON)
+        return disabled(*args, **kwargs)
+
+    return call
 
 
 def _stream_key(device: torch.device):

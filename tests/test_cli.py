@@ -1,4 +1,5 @@
 """The lora-kernels command: info, check (and bench's argument handling; bench runs in test_bench_cli.py)."""
+import os
 import json
 import subprocess
 import sys
@@ -118,3 +119,23 @@ def test_bench_multi_subcommand_validates_and_writes_rows(tmp_path, capsys):
     assert rows and {r["n_adapters"] for r in rows} == {2}  # --adapters filtered the preset
     assert {"base", "peft_loop", "merge_each", "multi_torch"} <= {r["provider"] for r in rows}
     assert "CPU timings" in capsys.readouterr().out
+
+
+def test_interpreter_switched_on_after_import_still_runs_the_kernels():
+    """The CLI switches the Triton interpreter on (no CUDA) after ``import lora_kernels``: nothing that
+    import pulls in may import triton.language (its stdlib helpers, e.g. the Philox used by dropout,
+    would be compiled-mode functions that an interpreted kernel cannot call). Fresh process."""
+    code = (
+        "import os, sys, torch, lora_kernels, lora_kernels.cli\n"
+        "assert 'triton.language' not in sys.modules, 'import lora_kernels imported triton.language'\n"
+        "if torch.cuda.is_available(): sys.exit(0)\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from lora_kernels.functional import lora_linear\n"
+        "x, w, a, b = torch.randn(20, 32), torch.randn(24, 32), torch.randn(4, 32), torch.randn(24, 4)\n"
+        "y = lora_linear(x, w, a, b, 2.0, dropout_p=0.1, seed=3, backend='fused')\n"
+        "ref = lora_linear(x, w, a, b, 2.0, dropout_p=0.1, seed=3, backend='torch')\n"
+        "torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
