@@ -1,11 +1,11 @@
 """Tables, JSON and the plot of the whole-model bench (:mod:`lora_kernels.benchmarks.model`)."""
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict
 
 from .model import CPU_NOTE, OURS, Result, saved_ratio
+from .report import dump_json
+from .report import load_json as _load_json
 
 
 def _mib(n) -> str:
@@ -126,16 +126,11 @@ def summary_text(results: list[Result], meta: dict) -> str:
 
 
 def write_json(results: list[Result], meta: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=1, default=str)
-    os.replace(tmp, path)
+    dump_json(path, meta, "results", results)
 
 
 def load_json(path: str) -> tuple[list[Result], dict]:
-    with open(path) as f:
-        data = json.load(f)
-    return [Result(**r) for r in data["results"]], data["meta"]
+    return _load_json(path, "results", Result)
 
 
 _COLORS = {"peft": "C0", "inject": "C1", "convert": "C2", "ungrouped": "C3"}

@@ -130,6 +130,26 @@ def _reference_formula(x, w, bias, a, b, mag, scale: float, p: float):
     return y + bias
 
 
+def peft_one_layer(model: torch.nn.Module, shape, scale: float, p: float, x, a, b, mag):
+    """PEFT's LoRA/DoRA on ``model.proj`` (PEFT's defaults: it may keep adapters in fp32), its adapter
+    set to (a, b, mag): (peft model, the PEFT layer, the tensors whose gradients are compared)."""
+    import peft
+
+    cfg = peft.LoraConfig(r=shape.r, lora_alpha=scale * shape.r, lora_dropout=p, target_modules=["proj"],
+                          use_dora=shape.dora)
+    model = peft.get_peft_model(model, cfg)
+    layer = model.base_model.model.proj
+    params = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(a)
+        layer.lora_B["default"].weight.copy_(b)
+        if shape.dora:
+            layer.lora_magnitude_vector["default"].weight.copy_(mag)
+            params.append(layer.lora_magnitude_vector["default"].weight)
+    model.train()
+    return model, layer, params
+
+
 def provider_fn(provider: str, shape: Shape, problem, scale: float = SCALE,
                 compile_backend: str = "inductor") -> Provider | None:
     """The provider's callable for ``shape``; None when it does not apply (``unfused`` for DoRA, a
@@ -166,7 +186,7 @@ def provider_fn(provider: str, shape: Shape, problem, scale: float = SCALE,
         return Provider(lambda: compiled(x, w, bias, a, b, mag, scale, p), lora_params, dora_names)
     if provider == "peft":
         try:
-            import peft
+            import peft  # noqa: F401  (installed? peft_one_layer uses it)
         except ImportError as exc:
             raise Unavailable("peft is not installed") from exc
 
@@ -182,18 +202,7 @@ def provider_fn(provider: str, shape: Shape, problem, scale: float = SCALE,
         with torch.no_grad():
             model.proj.weight.copy_(w)
             model.proj.bias.copy_(bias)
-        cfg = peft.LoraConfig(r=shape.r, lora_alpha=scale * shape.r, lora_dropout=p, target_modules=["proj"],
-                              use_dora=shape.dora)
-        model = peft.get_peft_model(model, cfg)  # PEFT's defaults (it may keep adapters in fp32)
-        layer = model.base_model.model.proj
-        params = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
-        with torch.no_grad():
-            layer.lora_A["default"].weight.copy_(a)
-            layer.lora_B["default"].weight.copy_(b)
-            if shape.dora:
-                layer.lora_magnitude_vector["default"].weight.copy_(mag)
-                params.append(layer.lora_magnitude_vector["default"].weight)
-        model.train()
+        model, layer, params = peft_one_layer(model, shape, scale, p, x, a, b, mag)
         return Provider(lambda: layer(x), params, dora_names, owned=list(model.parameters()))
     if provider in ("fused", "hybrid"):
         if not HAS_TRITON:

@@ -23,7 +23,7 @@ import torch
 from .._triton_env import HAS_TRITON, is_interpreter
 from ..functional import dora_linear, lora_linear
 from ..quant import QUANT_TYPES, QuantizedWeight, from_bnb, quantize
-from .providers import SEED, Provider, Unavailable
+from .providers import SEED, Provider, Unavailable, peft_one_layer
 from .shapes import Shape
 
 BLOCKSIZE = 64
@@ -84,7 +84,7 @@ def _quant_tensors(problem) -> list:
 
 def _peft_qlora(shape: Shape, problem, scale: float) -> Provider:
     try:
-        import peft
+        import peft  # noqa: F401  (installed? peft_one_layer uses it)
     except ImportError as exc:
         raise Unavailable("peft is not installed") from exc
     base = _bnb_linear(shape, problem)
@@ -100,21 +100,10 @@ def _peft_qlora(shape: Shape, problem, scale: float) -> Provider:
         def forward(self, inp):
             return self.proj(inp)
 
-    cfg = peft.LoraConfig(r=shape.r, lora_alpha=scale * shape.r, lora_dropout=shape.dropout_p,
-                          target_modules=["proj"], use_dora=shape.dora)
-    model = peft.get_peft_model(_One(), cfg)  # PEFT's defaults (it may keep adapters in fp32)
-    layer = model.base_model.model.proj
+    model, layer, params = peft_one_layer(_One(), shape, scale, shape.dropout_p, x, a, b, mag)
     if not any(c.__name__ == "Linear4bit" and "bnb" in c.__module__ for c in type(layer).__mro__):
         raise RuntimeError(f"PEFT wrapped the 4-bit layer in {type(layer).__module__}.{type(layer).__name__}, "
                            "not its bitsandbytes QLoRA class")
-    params = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(a)
-        layer.lora_B["default"].weight.copy_(b)
-        if shape.dora:
-            layer.lora_magnitude_vector["default"].weight.copy_(mag)
-            params.append(layer.lora_magnitude_vector["default"].weight)
-    model.train()
     names = ["dx", "dA", "dB", "dm"] if shape.dora else ["dx", "dA", "dB"]
     return Provider(lambda: layer(x), params, names, owned=list(model.parameters()) + _quant_tensors(problem))
 

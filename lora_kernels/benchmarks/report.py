@@ -286,15 +286,24 @@ def report_markdown(rows: list[Row], meta: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_results(rows: list[Row], path: str, meta: dict) -> None:
-    """JSON of every raw figure (every timed repetition included) with the environment."""
+def dump_json(path: str, meta: dict, key: str, items: list) -> None:
+    """``{"meta": meta, key: [dataclass as dict, ...]}`` written to a temporary file, then renamed."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1, default=str)
+        json.dump({"meta": meta, key: [asdict(r) for r in items]}, f, indent=1, default=str)
     os.replace(tmp, path)
 
 
-def load_results(path: str) -> tuple[list[Row], dict]:
+def load_json(path: str, key: str, cls) -> tuple[list, dict]:
     with open(path) as f:
         data = json.load(f)
-    return [Row(**r) for r in data["rows"]], data["meta"]
+    return [cls(**r) for r in data[key]], data["meta"]
+
+
+def write_results(rows: list[Row], path: str, meta: dict) -> None:
+    """JSON of every raw figure (every timed repetition included) with the environment."""
+    dump_json(path, meta, "rows", rows)
+
+
+def load_results(path: str) -> tuple[list[Row], dict]:
+    return load_json(path, "rows", Row)
