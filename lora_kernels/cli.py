@@ -62,7 +62,8 @@ def _cmd_check(args) -> int:
 
     try:
         ok = run_check(device=device, grid="quick" if args.quick else args.grid, paths=_csv(args.paths),
-                       families=_csv(args.families), summary=args.summary, json_path=args.json)
+                       families=_csv(args.families), summary=args.summary, json_path=args.json,
+                       budget=args.budget)
     except ValueError as exc:  # an unknown family, path or grid: before anything ran
         print(f"lora-kernels check: {exc}", file=sys.stderr)
         return 2
@@ -230,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     p_check.add_argument("--summary", action="store_true",
                          help="one row per path and case: the max relative error over y and the gradients "
                               "(default: one row per quantity)")
-    p_check.add_argument("--json", default=None, metavar="PATH", help="also write every figure to this JSON file")
+    p_check.add_argument("--json", default=None, metavar="PATH",
+                         help="also write every figure to this JSON file (rewritten after each family)")
+    p_check.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                         help="family i of n starts no case after (i+1)/n of this; the cases not run are listed "
+                              "(not failures) (default: none, every case runs)")
     p_check.set_defaults(func=_cmd_check)
 
     p_bench = sub.add_parser(

@@ -119,3 +119,37 @@ def test_every_family_has_every_grid_and_the_gpu_grid_has_llama_shapes():
         assert fam.grids["quick"] and len(fam.grids["small"]) >= len(fam.grids["quick"])
         assert any("K=4096" in str(c) for c in fam.grids["gpu"]), name
     assert check_module.SMALL_GRID is family("lora").grids["small"]
+
+
+def test_budget_lists_the_cases_not_run_and_a_run_of_nothing_fails(tmp_path, capsys):
+    path = tmp_path / "check.json"
+    assert main(["check", "--quick", "--budget", "0", "--json", str(path)]) == 1
+    out = capsys.readouterr().out
+    for name in FAMILY_NAMES:
+        n = len(family(name).grids["quick"])
+        assert f"# {name}: --budget spent: {n} of {n} cases not run" in out
+    data = json.loads(path.read_text())
+    assert all(f["not_run"] == f["cases"] and f["total"] == 0 for f in data["families"].values())
+    assert "0/0 within tolerance" in out and "cases not run: --budget" in out
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: `import lora_kernels` imports Triton (lora_kernels/qlora.py applies "
+                   "torch.compiler.disable at import, which imports torch._dynamo, which imports triton) before the "
+                   "CLI can set TRITON_INTERPRET=1, so Triton's own @jit helpers (tl.cdiv) are compiled-mode objects "
+                   "and every kernel path fails in the interpreter; remove this mark once fixed")
+def test_the_command_switches_the_interpreter_on_by_itself_without_a_gpu():
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the command does not use the interpreter")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-m", "lora_kernels.cli", "check", "--quick", "--families", "lora",
+                          "--paths", "fused"], capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "Triton interpreter (TRITON_INTERPRET=1)" in res.stdout and "all within tolerance" in res.stdout

@@ -23,20 +23,23 @@ class Family:
     title: str
     legend: tuple[str, ...]
     grids: dict[str, list]
-    all_paths: tuple[str, ...]
-    available: Callable[[str], list[str]]
+    kernel_paths: tuple[str, ...]  # the Triton paths (run where kernels_run_here); "torch" always runs
     prepare: Callable[[Any, str], Any]
     run: Callable[[str, Any, Any, str], dict[str, float]]
     tolerance: Callable[[str, Any], float] = lambda path, case: TOLERANCES[case.dtype]
+
+    @property
+    def all_paths(self) -> tuple[str, ...]:
+        return ("torch", *self.kernel_paths)
+
+    def available(self, device: str) -> list[str]:
+        """The paths that can run on ``device``."""
+        return list(self.all_paths if kernels_run_here(device) else ("torch",))
 
 
 def kernels_run_here(device: str) -> bool:
     """Whether the Triton kernels can run on ``device`` (CUDA, or CPU tensors in the interpreter)."""
     return HAS_TRITON and (device == "cuda" or is_interpreter())
-
-
-def with_kernels(device: str, torch_paths: list[str], kernel_paths: list[str]) -> list[str]:
-    return torch_paths + (kernel_paths if kernels_run_here(device) else [])
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from ..functional import lora_linear
 from ..grouped import grouped_lora
 from ..reference import lora_linear_ref
 from ..testing import rel_error
-from .base import Family, errors, leaf, randn, with_kernels
+from .base import Family, errors, leaf, randn
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -126,8 +126,7 @@ FAMILY = Family(
     title="projection groups (grouped_lora): each member's y and every gradient",
     legend=LEGEND,
     grids={"quick": QUICK_GRID, "small": SMALL_GRID, "gpu": GPU_GRID},
-    all_paths=("torch", "fused", "hybrid"),
-    available=lambda device: with_kernels(device, ["torch"], ["fused", "hybrid"]),
+    kernel_paths=("fused", "hybrid"),
     prepare=prepare,
     run=run,
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..testing import LoraCase, make_inputs, run_path, run_reference
-from .base import Family, errors, with_kernels
+from .base import Family, errors
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -66,8 +66,7 @@ FAMILY = Family(
     title="single-adapter LoRA / DoRA (lora_linear, dora_linear): y and every gradient",
     legend=LEGEND,
     grids={"quick": QUICK_GRID, "small": SMALL_GRID, "gpu": GPU_GRID},
-    all_paths=("torch", "fused", "hybrid"),
-    available=lambda device: with_kernels(device, ["torch"], ["fused", "hybrid"]),
+    kernel_paths=("fused", "hybrid"),
     prepare=prepare,
     run=run,
 )

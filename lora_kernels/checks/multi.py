@@ -18,7 +18,7 @@ import torch
 from ..multi import AdapterSpec, multi_adapter_linear
 from ..multi.reference import active_adapters_ref, mixed_batch_ref
 from ..reference import dora_weight_norm_ref
-from .base import Family, errors, leaf, randn, with_kernels
+from .base import Family, errors, leaf, randn
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -148,8 +148,7 @@ FAMILY = Family(
     title="several adapters (multi_adapter_linear): mixed batches and several active adapters, y and gradients",
     legend=LEGEND,
     grids={"quick": QUICK_GRID, "small": SMALL_GRID, "gpu": GPU_GRID},
-    all_paths=("torch", "triton"),
-    available=lambda device: with_kernels(device, ["torch"], ["triton"]),
+    kernel_paths=("triton",),
     prepare=prepare,
     run=run,
 )

@@ -18,7 +18,7 @@ import torch
 from .. import qlora
 from ..quant import dequantize, quantize
 from ..testing import LoraCase, make_inputs, run_path, run_reference
-from .base import Family, TOLERANCES, errors, with_kernels
+from .base import Family, TOLERANCES, errors
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -95,8 +95,7 @@ FAMILY = Family(
     title="4-bit weights: the dequant kernel bit for bit, LoRA / DoRA on a QuantizedWeight",
     legend=LEGEND,
     grids={"quick": QUICK_GRID, "small": SMALL_GRID, "gpu": GPU_GRID},
-    all_paths=("dequant", "torch", "fused", "hybrid"),
-    available=lambda device: with_kernels(device, ["torch"], ["dequant", "fused", "hybrid"]),
+    kernel_paths=("dequant", "fused", "hybrid"),
     prepare=prepare,
     run=run,
     tolerance=lambda path, case: 0.0 if path == "dequant" else TOLERANCES[case.dtype],
