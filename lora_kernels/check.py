@@ -1,5 +1,10 @@
-"""``lora-kernels check``: every path (LoRA and DoRA, forward and every gradient) against the float64
-reference over a grid of cases."""
+"""``lora-kernels check``: every kernel family against the float64 reference over a grid of cases.
+
+The families (their cases, paths and references) live in :mod:`lora_kernels.checks`: single-adapter
+LoRA/DoRA, several adapters, 4-bit weights and projection groups. Per case, fresh random inputs and
+the reference are drawn once, then every path runs on them; ``torch.empty`` hands out NaN-filled
+buffers meanwhile (:func:`lora_kernels.checks.base.nan_empty`), so an element no kernel wrote fails.
+"""
 from __future__ import annotations
 
 import json
@@ -7,111 +12,142 @@ import time
 
 import torch
 
-from ._triton_env import HAS_TRITON, is_interpreter
-from .testing import TOLERANCES, LoraCase, compare
+from ._triton_env import is_interpreter
+from .checks import FAMILY_NAMES, family as get_family
+from .checks.base import nan_empty
+from .checks.lora import GPU_GRID, QUICK_GRID, SMALL_GRID  # noqa: F401  (the lora family's grids)
+from .testing import TOLERANCES  # noqa: F401  (one table for every family)
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
-
-# Small grid for the CPU interpreter: every masking edge, rank, dtype, p, layout.
-SMALL_GRID = [
-    LoraCase(70, 90, 130, 1, f32, 0.0),
-    LoraCase(70, 90, 130, 8, f16, 0.1, bias=False),
-    LoraCase(70, 90, 130, 12, bf16, 0.5),
-    LoraCase(33, 65, 70, 16, f32, 0.1, batch=3),
-    LoraCase(150, 65, 70, 64, bf16, 0.1),
-    LoraCase(50, 97, 65, 64, f16, 0.5, noncontiguous=True),
-    LoraCase(70, 90, 130, 8, f32, 0.0, dora=True),
-    LoraCase(33, 65, 70, 16, bf16, 0.1, batch=3, dora=True),
-    LoraCase(50, 97, 65, 12, f16, 0.5, bias=False, noncontiguous=True, dora=True),
-]
-
-# Larger shapes for a GPU: several tiles and splits in every dimension, and a Llama-sized one.
-GPU_GRID = SMALL_GRID + [
-    LoraCase(1000, 1100, 1300, 16, bf16, 0.1),
-    LoraCase(777, 2048, 1536, 8, f16, 0.0, batch=2),
-    LoraCase(513, 1024, 4096, 64, bf16, 0.1, noncontiguous=True),
-    LoraCase(2048, 4096, 4096, 16, bf16, 0.1),
-    LoraCase(1024, 1024, 4096, 256, bf16, 0.5),
-    LoraCase(333, 768, 1024, 12, f32, 0.1),
-    LoraCase(1000, 1100, 1300, 16, bf16, 0.1, dora=True),
-    LoraCase(2048, 4096, 4096, 16, bf16, 0.0, dora=True),
-    LoraCase(777, 2048, 1536, 64, f16, 0.1, noncontiguous=True, dora=True),
-]
+GRID_NAMES = ("quick", "small", "gpu")
 
 
-# A few seconds in the interpreter: LoRA and DoRA, with and without dropout, each dtype once.
-QUICK_GRID = [
-    LoraCase(70, 90, 130, 8, f32, 0.1),
-    LoraCase(33, 65, 70, 16, bf16, 0.1, batch=3),
-    LoraCase(50, 97, 65, 12, f16, 0.0, bias=False, noncontiguous=True),
-    LoraCase(33, 65, 70, 8, f32, 0.1, dora=True),
-]
-
-GRIDS = {"quick": QUICK_GRID, "small": SMALL_GRID, "gpu": GPU_GRID}
+def select_paths(fam, device: str, paths: list[str] | None) -> list[str]:
+    """The family's paths to run: those available on ``device``, or those of ``paths`` it has (an
+    explicitly asked path runs even where it cannot, and fails)."""
+    if paths is None:
+        return fam.available(device)
+    return [p for p in paths if p in fam.all_paths]
 
 
-def available_paths(device: str) -> list[str]:
-    paths = ["torch"]
-    if HAS_TRITON and (device == "cuda" or is_interpreter()):
-        paths += ["fused", "hybrid"]
-    return paths
+def _worst(errors: dict[str, float]) -> str:
+    return max(errors, key=lambda q: (errors[q] != errors[q], errors[q]))  # NaN first
 
 
-def run_check(device: str | None = None, grid: list[LoraCase] | None = None, paths: list[str] | None = None,
-              out=print, summary: bool = False, json_path: str | None = None) -> bool:
-    """Validates every path on every case of ``grid`` (default: GPU_GRID on CUDA, SMALL_GRID on
-    CPU) and prints a table: one row per (path, case, quantity), or with ``summary`` one row per
-    (path, case) with the largest relative error over y and the gradients. Returns True when every
-    error is within tolerance (a crash is a failure). ``json_path`` also writes every figure."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    grid = grid or (GPU_GRID if device == "cuda" else SMALL_GRID)
-    paths = paths or available_paths(device)
-    if device == "cpu":
-        where = "Triton interpreter (TRITON_INTERPRET=1)" if is_interpreter() else "no Triton paths"
-        out(f"# CPU only: torch backend, Triton kernels in the {where}, on a small grid ({len(grid)} cases)")
-    else:
-        out(f"# {torch.cuda.get_device_name()}: every path on {len(grid)} cases")
-    out("# error: ||out - ref|| / ||ref|| against the float64 reference (same inputs, same dropout mask)")
-    out("# case: M tokens (BxM: x is 3-D, a batch of B sequences of M), N outputs, K inputs, r rank, dtype,")
-    out("#       p dropout; +bias: with a bias; nc: x non-contiguous (a transposed view, stride along K != 1);")
-    out("#       DoRA: magnitude-direction adapter. qty: y or the gradient dx, dA, dB, dm (DoRA), db (bias)")
+def _run_family(fam, cases, paths, device, out, summary, deadline=None) -> tuple[int, int, list[dict], int]:
+    """Every path on every case (none started after ``deadline``): (failures, total, records, cases not run)."""
+    width = max(len(str(c)) for c in cases)
     if summary:
-        out(f"{'path':8} {'case':52} {'max rel err':>11} {'(qty)':6} {'tol':>8}  result")
+        out(f"{'family':6} {'path':7} {'case':{width}} {'max rel err':>11} {'(qty)':7} {'tol':>8}  result")
     else:
-        out(f"{'path':8} {'case':52} {'qty':4} {'rel err':>9} {'tol':>8}  result")
-    failures, total = 0, 0
-    records = []
-    t0 = time.perf_counter()
-    for path in paths:
-        for case in grid:
-            tol = TOLERANCES[case.dtype]
+        out(f"{'family':6} {'path':7} {'case':{width}} {'qty':5} {'rel err':>9} {'tol':>8}  result")
+    failures, total, records = 0, 0, []
+    for done, case in enumerate(cases):
+        if deadline is not None and time.perf_counter() > deadline:
+            out(f"# {fam.name}: --budget spent: {len(cases) - done} of {len(cases)} cases not run")
+            return failures, total, records, len(cases) - done
+        try:
+            with nan_empty():
+                prepared = fam.prepare(case, device)
+        except Exception as exc:  # the inputs or the reference failed: every path of the case fails
+            prepared = exc
+        for path in paths:
+            row = f"{fam.name:6} {path:7} {str(case):{width}}"
+            tol = fam.tolerance(path, case)
             try:
-                errors = compare(path, case, device=device)
+                if isinstance(prepared, Exception):
+                    raise prepared
+                with nan_empty():
+                    errors = fam.run(path, case, prepared, device)
             except Exception as exc:  # a crash is a failure, reported in the table
                 failures += 1
                 total += 1
                 msg = f"ERROR {type(exc).__name__}: {exc}".splitlines()[0]
-                records.append({"path": path, "case": str(case), "error": msg, "tol": tol, "ok": False})
-                if summary:
-                    out(f"{path:8} {str(case):52} {'-':>11} {'-':6} {tol:8.0e}  {msg}")
-                else:
-                    out(f"{path:8} {str(case):52} {'-':4} {'-':>9} {tol:8.0e}  {msg}")
+                records.append({"family": fam.name, "path": path, "case": str(case), "error": msg, "tol": tol,
+                                "ok": False})
+                dashes = f"{'-':>11} {'-':7}" if summary else f"{'-':5} {'-':>9}"
+                out(f"{row} {dashes} {tol:8.0e}  {msg}")
                 continue
             oks = {q: err <= tol for q, err in errors.items()}  # False for NaN too
             failures += sum(not ok for ok in oks.values())
             total += len(errors)
-            records.append({"path": path, "case": str(case), "errors": errors, "tol": tol, "ok": all(oks.values())})
+            records.append({"family": fam.name, "path": path, "case": str(case), "errors": errors, "tol": tol,
+                            "ok": all(oks.values())})
             if summary:
-                worst = max(errors, key=lambda q: (errors[q] != errors[q], errors[q]))  # NaN first
-                out(f"{path:8} {str(case):52} {errors[worst]:11.2e} {'(' + worst + ')':6} {tol:8.0e}  "
+                worst = _worst(errors)
+                out(f"{row} {errors[worst]:11.2e} {'(' + worst + ')':7} {tol:8.0e}  "
                     f"{'pass' if all(oks.values()) else 'FAIL'}")
             else:
                 for qty, err in errors.items():
-                    out(f"{path:8} {str(case):52} {qty:4} {err:9.2e} {tol:8.0e}  {'pass' if oks[qty] else 'FAIL'}")
+                    out(f"{row} {qty:5} {err:9.2e} {tol:8.0e}  {'pass' if oks[qty] else 'FAIL'}")
+    return failures, total, records, 0
+
+
+def run_check(device: str | None = None, grid: str | None = None, paths: list[str] | None = None,
+              families: list[str] | None = None, out=print, summary: bool = False,
+              json_path: str | None = None, budget: float | None = None) -> bool:
+    """Validates every path of every family (default: all of :data:`lora_kernels.checks.FAMILY_NAMES`)
+    on the cases of ``grid`` ('quick', 'small' or 'gpu'; default: gpu on CUDA, small on CPU) and
+    prints one table per family: one row per (path, case, quantity), or with ``summary`` one row per
+    (path, case) with the largest error; then one summary line per family. Returns True when every
+    error is within tolerance (a crash is a failure). ``json_path`` also writes every figure (rewritten
+    after each family, so a run killed midway keeps the finished families). ``budget``: seconds; family
+    i of n starts no case after i+1 n-ths of it (time a family leaves unused passes on), and the cases
+    not run are listed, not counted as failures (but a run in which nothing ran fails)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    grid = grid or ("gpu" if device == "cuda" else "small")
+    if grid not in GRID_NAMES:
+        raise ValueError(f"grid must be one of {', '.join(GRID_NAMES)}, got {grid!r}")
+    names = list(families or FAMILY_NAMES)
+    fams = [get_family(n) for n in names]  # raises on an unknown family, before anything runs
+    known = {p for f in fams for p in f.all_paths}
+    for p in paths or []:
+        if p not in known:
+            raise ValueError(f"unknown path {p!r}: the families {', '.join(names)} have the paths {', '.join(sorted(known))}")
+    if device == "cpu":
+        where = "Triton interpreter (TRITON_INTERPRET=1)" if is_interpreter() else "no Triton paths"
+        out(f"# CPU only: torch backend, Triton kernels in the {where}, on the {grid} grid")
+    else:
+        out(f"# {torch.cuda.get_device_name()}: every path on the {grid} grid")
+    out("# error: ||out - ref|| / ||ref|| against the float64 reference (same inputs, same dropout mask);")
+    out("#        output buffers start NaN-filled, so an element no kernel wrote cannot pass")
+    t0 = time.perf_counter()
+    failures, total, records, per_family = 0, 0, [], {}
+
+    def write_json():
+        if json_path:
+            run_paths = list(dict.fromkeys(p for r in per_family.values() for p in r["paths"]))
+            with open(json_path, "w") as f:
+                json.dump({"device": device, "grid": grid, "paths": run_paths, "families": per_family,
+                           "seconds": time.perf_counter() - t0, "failures": failures, "results": records}, f,
+                          indent=1)
+
+    for i, fam in enumerate(fams):
+        cases, fam_paths = fam.grids[grid], select_paths(fam, device, paths)
+        if not fam_paths:
+            out(f"## {fam.name}: skipped (none of its paths {', '.join(fam.all_paths)} selected)")
+            continue
+        out(f"## {fam.name}: {fam.title}; {len(cases)} cases; paths {', '.join(fam_paths)}")
+        for line in fam.legend:
+            out(f"# {line}")
+        t = time.perf_counter()
+        deadline = None if budget is None else t0 + budget * (i + 1) / len(fams)
+        f_fail, f_total, f_records, not_run = _run_family(fam, cases, fam_paths, device, out, summary, deadline)
+        seconds = time.perf_counter() - t
+        verdict = "all within tolerance" if f_fail == 0 else f"FAILED: {f_fail} not within tolerance"
+        skipped = f", {not_run} not run" if not_run else ""
+        out(f"# {fam.name}: {f_total - f_fail}/{f_total} {verdict} ({len(cases) - not_run} cases x {len(fam_paths)} "
+            f"paths{skipped}, {seconds:.1f} s)")
+        per_family[fam.name] = {"paths": fam_paths, "cases": len(cases), "not_run": not_run,
+                                "passed": f_total - f_fail, "total": f_total, "seconds": seconds}
+        failures, total, records = failures + f_fail, total + f_total, records + f_records
+        write_json()
     seconds = time.perf_counter() - t0
-    out(f"# {total - failures}/{total} within tolerance in {seconds:.1f} s")
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"device": device, "paths": paths, "seconds": seconds, "failures": failures,
-                       "results": records}, f, indent=1)
-    return failures == 0
+    failed = [n for n, r in per_family.items() if r["passed"] < r["total"]]
+    if failed:
+        out(f"# FAILED families: {', '.join(failed)}")
+    not_run = sum(r["not_run"] for r in per_family.values())
+    out(f"# {total - failures}/{total} within tolerance in {seconds:.1f} s"
+        + (f" ({not_run} cases not run: --budget)" if not_run else ""))
+    write_json()
+    return failures == 0 and total > 0  # a check that ran nothing validated nothing

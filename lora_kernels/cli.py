@@ -58,11 +58,15 @@ def _csv(text: str | None) -> list[str] | None:
 
 def _cmd_check(args) -> int:
     device = _use_interpreter_without_gpu(args.device)
-    from .check import GRIDS, run_check
+    from .check import run_check
 
-    grid_name = "quick" if args.quick else args.grid
-    grid = GRIDS[grid_name] if grid_name else None
-    ok = run_check(device=device, grid=grid, paths=_csv(args.paths), summary=args.summary, json_path=args.json)
+    try:
+        ok = run_check(device=device, grid="quick" if args.quick else args.grid, paths=_csv(args.paths),
+                       families=_csv(args.families), summary=args.summary, json_path=args.json,
+                       budget=args.budget)
+    except ValueError as exc:  # an unknown family, path or grid: before anything ran
+        print(f"lora-kernels check: {exc}", file=sys.stderr)
+        return 2
     return 0 if ok else 1
 
 
@@ -200,21 +204,38 @@ def main(argv: list[str] | None = None) -> int:
 
     p_check = sub.add_parser(
         "check",
-        help="validate every path (torch, Triton fused, Triton hybrid; LoRA and DoRA) against the float64 reference",
-        description="Runs y and every gradient (dx, dA, dB, dm, db) of every path, LoRA and DoRA, against the "
-                    "float64 reference over a grid of shapes, ranks, dtypes and dropout rates, and prints a table "
-                    "(path, case, relative error, tolerance, pass/fail); exits non-zero on any failure. Without a "
-                    "GPU the Triton paths run in Triton's CPU interpreter on a small grid.",
+        help="validate every kernel family (LoRA/DoRA, several adapters, 4-bit, projection groups) against the "
+             "float64 reference",
+        description="Runs every kernel family against the float64 reference over a grid of shapes, ranks, dtypes "
+                    "and dropout rates and prints one table per family (path, case, relative error, tolerance, "
+                    "pass/fail) and a summary line per family; exits non-zero on any failure. Families: lora "
+                    "(lora_linear / dora_linear: y and dx, dA, dB, dm, db on torch, fused, hybrid), multi "
+                    "(multi_adapter_linear: mixed batches and several active adapters, y and gradients, on torch "
+                    "and the multi-adapter kernels 'triton'), qlora (the 4-bit dequantisation kernel bit for bit "
+                    "'dequant', and LoRA/DoRA on NF4/FP4 weights on torch, fused, hybrid against the reference on "
+                    "the dequantised weight), groups (grouped_lora, 2 and 3 members, against the reference and "
+                    "separate lora_linear calls). Without a GPU the Triton paths run in Triton's CPU interpreter "
+                    "on a small grid.",
         formatter_class=HelpFormatter,
     )
     p_check.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
-    p_check.add_argument("--paths", default=None, help="comma-separated subset of torch,fused,hybrid (default: all three)")
+    p_check.add_argument("--families", default=None,
+                         help="comma-separated subset of lora,multi,qlora,groups (default: all four)")
+    p_check.add_argument("--paths", default=None,
+                         help="comma-separated subset of torch,fused,hybrid,triton,dequant; each family runs those "
+                              "it has (default: every path each family has on this device)")
     p_check.add_argument("--grid", choices=["quick", "small", "gpu"], default=None,
                          help="cases to run (default: gpu on CUDA, small on CPU)")
-    p_check.add_argument("--quick", action="store_true", help="the quick grid (4 cases, seconds in the interpreter)")
+    p_check.add_argument("--quick", action="store_true",
+                         help="the quick grid (a few cases per family, seconds in the interpreter; default: off)")
     p_check.add_argument("--summary", action="store_true",
-                         help="one row per path and case: the max relative error over y and the gradients")
-    p_check.add_argument("--json", default=None, metavar="PATH", help="also write every figure to this JSON file")
+                         help="one row per path and case: the max relative error over y and the gradients "
+                              "(default: one row per quantity)")
+    p_check.add_argument("--json", default=None, metavar="PATH",
+                         help="also write every figure to this JSON file (rewritten after each family)")
+    p_check.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                         help="family i of n starts no case after (i+1)/n of this; the cases not run are listed "
+                              "(not failures) (default: none, every case runs)")
     p_check.set_defaults(func=_cmd_check)
 
     p_bench = sub.add_parser(

@@ -1,4 +1,5 @@
-"""The lora-kernels command: info, check (and bench's argument handling; bench runs in test_bench_cli.py)."""
+"""The lora-kernels command: info, check of the lora family (every family: test_check.py), and bench's
+argument handling (bench runs in test_bench_cli.py)."""
 import os
 import json
 import subprocess
@@ -34,19 +35,19 @@ def test_help_shows_every_default(command, capsys):
 
 
 def test_check_passes_on_the_small_grid_and_prints_a_table(capsys):
-    assert main(["check", "--device", "cpu", "--paths", "torch"]) == 0
+    assert main(["check", "--device", "cpu", "--paths", "torch", "--families", "lora"]) == 0
     out = capsys.readouterr().out
     assert "CPU only" in out and "small grid" in out
     assert "nc: x non-contiguous" in out and "BxM" in out  # the case abbreviations are explained
     assert "rel err" in out and "FAIL" not in out and " pass" in out
-    rows = [line for line in out.splitlines() if line.startswith("torch ")]
+    rows = [line for line in out.splitlines() if line.startswith("lora   torch ")]
     assert len(rows) == sum(4 + c.bias + c.dora for c in check_module.SMALL_GRID)  # every quantity of every case
     assert any(" DoRA " in r and " dm " in r for r in rows) and any(" db " in r for r in rows)
 
 
 def test_check_quick_summary_with_a_triton_path_writes_json(tmp_path, capsys):
     path = tmp_path / "check.json"
-    assert main(["check", "--quick", "--summary", "--paths", "torch,fused", "--json", str(path)]) == 0
+    assert main(["check", "--quick", "--summary", "--paths", "torch,fused", "--families", "lora", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "max rel err" in out and "FAIL" not in out
     data = json.loads(path.read_text())
@@ -64,7 +65,7 @@ def test_check_fails_with_nonzero_status_when_a_wrong_path_is_injected(monkeypat
         return dx, da * 1.01, db
 
     monkeypatch.setattr(torch_backend, "lora_linear_bwd", wrong_bwd)
-    assert main(["check", "--quick", "--summary", "--paths", "torch"]) == 1
+    assert main(["check", "--quick", "--summary", "--paths", "torch", "--families", "lora"]) == 1
     out = capsys.readouterr().out
     fails = [line for line in out.splitlines() if line.endswith("FAIL")]
     assert fails and all("(dA)" in line for line in fails)
@@ -76,13 +77,13 @@ def test_check_reports_a_crashing_path_as_a_failure(monkeypatch, capsys):
         raise RuntimeError("injected")
 
     monkeypatch.setattr(torch_backend, "dora_linear_fwd", crash)
-    assert main(["check", "--quick", "--paths", "torch"]) == 1
+    assert main(["check", "--quick", "--paths", "torch", "--families", "lora"]) == 1
     assert "ERROR RuntimeError: injected" in capsys.readouterr().out
 
 
 def test_check_fails_when_tolerances_are_impossible(monkeypatch, capsys):
     monkeypatch.setitem(check_module.TOLERANCES, check_module.f32, 1e-30)
-    assert main(["check", "--device", "cpu", "--quick", "--paths", "torch"]) == 1
+    assert main(["check", "--device", "cpu", "--quick", "--paths", "torch", "--families", "lora"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
 
