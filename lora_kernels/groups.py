@@ -355,7 +355,7 @@ class ProjectionGroup:
         grad = torch.is_grad_enabled()
         active = [sp for sp in specs if sp is not None]
         for sp in active:
-            _, w, a, b, bias = _autocast(x, sp.weight, sp.a, sp.b, sp.bias)
+            _, w, a, b, bias = _autocast(xc, sp.weight, sp.a, sp.b, sp.bias)  # xc: already cast, kept
             if w.dtype != xc.dtype or w.device != xc.device:
                 return None  # the member's own path raises its clear error, or casts as PEFT does
             if not grad:  # a base weight that requires grad, under no_grad: nothing is recorded either way
