@@ -25,6 +25,7 @@ implementations and autograd, so ``torch.compile`` sees one opaque node per grou
 from __future__ import annotations
 
 import math
+import re
 from typing import Optional
 
 import torch
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from . import functions  # noqa: F401  (registers the single-layer ops; shares their helpers)
 from ._validation import check_dropout, check_lora_inputs, check_scale, check_tensor
-from .backends import requested_backend, resolve_backend
+from .backends import MAX_KERNEL_RANK, _warn_once, requested_backend, resolve_backend
 from .dropout import dropout_mask
 from .functional import _autocast, _seed_arguments
 from .functions import _autocast_off, refuse_forward_ad
@@ -247,6 +248,19 @@ def _check_lists(weights, biases, lora_as, lora_bs, scales, seeds) -> int:
     return n
 
 
+# a single-layer check's argument names -> the per-member list entries of grouped_lora
+_MEMBER_ARGS = {"weight": "weights", "lora_a": "lora_as", "lora_b": "lora_bs", "bias": "biases", "scale": "scales",
+                "seed": "seeds"}
+_MEMBER_NAME = re.compile(r"\b(weight|lora_a|lora_b|bias|scale|seed)\b(?!s\[)")
+
+
+def _member_message(message: str, i: int) -> str:
+    """A ``lora_linear`` check's message for member ``i``: its argument names become the list entries
+    (``lora_a`` -> ``lora_as[i]``); a message about several arguments gets a ``member i:`` prefix."""
+    named = _MEMBER_NAME.sub(lambda m: f"{_MEMBER_ARGS[m.group(1)]}[{i}]", message)
+    return named if named != message and _MEMBER_NAME.match(message) else f"member {i}: {named}"
+
+
 def grouped_lora(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seeds, backend=None) -> list[Tensor]:
     """The outputs y_i = x·W_iᵀ + b_i + s_i·((x ⊙ Z_i)·A_iᵀ)·B_iᵀ of the members of a projection group.
 
@@ -259,9 +273,10 @@ def grouped_lora(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seeds,
         seeds: [seed_i], each as ``lora_linear``'s ``seed``: an int in [0, 2**63), a 1-element
             integer tensor, or None (drawn from torch's CPU generator, in member order, only if p > 0).
         backend: as ``lora_linear``'s (lora_kernels.backends); an explicit Triton backend where it
-            cannot run is an error. Under 'auto', a member that would use the torch backend (a rank
-            above 256, float64, a CPU tensor), or more than 4 members, put the whole group on the
-            torch backend.
+            cannot run is an error (more than 4 members too). Under 'auto', a member that would use the
+            torch backend (a rank above 256, float64, a CPU tensor), or more than 4 members, put the
+            whole group on the torch backend (on CUDA with a one-time RuntimeWarning when it is the
+            member count or a rank that moved it).
 
     Returns:
         [y_i of shape (..., N_i)], each equal (outputs and gradients) to
@@ -275,8 +290,8 @@ def grouped_lora(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seeds,
     refuse_forward_ad("grouped_lora", x, *weights, *lora_as, *lora_bs, *biases)
     x = _autocast(x, None, None, None, None)[0]
     dropout_p = check_dropout(dropout_p)
-    ws, bs, a_s, b_s, ss, seed_ints, seed_tensors = [], [], [], [], [], [], []
-    for i in range(n):
+    ws, bs, a_s, b_s, ss = [], [], [], [], []
+    for i in range(n):  # validate every member before any seed is drawn (seeds=None draws, in member order)
         w = weights[i]
         if isinstance(w, torch.Tensor) and w.requires_grad:
             raise ValueError(f"weights[{i}] requires grad: grouped_lora computes no weight gradient (the base weight "
@@ -285,14 +300,18 @@ def grouped_lora(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seeds,
         try:
             check_lora_inputs(x, w, a, b, bias)
             s = check_scale(scales[i])
-            seed, seed_t = _seed_arguments(seeds[i], dropout_p)
+            if seeds[i] is not None:
+                _seed_arguments(seeds[i], dropout_p)  # checks an int or a seed tensor; draws nothing
         except (TypeError, ValueError) as e:
-            raise type(e)(f"member {i}: {e}") from None
+            raise type(e)(_member_message(str(e), i)) from None
         ws.append(w)
         bs.append(None if bias is None else bias.to(x.dtype))
         a_s.append(a.to(x.dtype))
         b_s.append(b.to(x.dtype))
         ss.append(s)
+    seed_ints, seed_tensors = [], []
+    for seed in seeds:  # then draw (seeds=None with p > 0), in member order as the separate layers do
+        seed, seed_t = _seed_arguments(seed, dropout_p)
         seed_ints.append(seed)
         seed_tensors.append(seed_t)
     seed_tensor = None
@@ -302,7 +321,13 @@ def grouped_lora(x, weights, biases, lora_as, lora_bs, scales, dropout_p, seeds,
     rows = math.prod(x.shape[:-1])
     x2d = x.reshape(rows, x.shape[-1])
     impls = [resolve_backend(backend, x2d, w.shape[0], a.shape[0]) for w, a in zip(ws, a_s)]
-    if "torch" in impls or (n > MAX_MEMBERS and requested_backend(backend) == "auto"):
+    requested = requested_backend(backend)
+    if "torch" in impls or (n > MAX_MEMBERS and requested == "auto"):
+        if requested == "auto" and any(i != "torch" for i in impls):  # Triton could run some members: say so
+            why = (f"{n} members (the Triton grouped kernels take at most {MAX_MEMBERS})" if n > MAX_MEMBERS else
+                   f"a member of rank {max(a.shape[0] for a in a_s)} > {MAX_KERNEL_RANK}")
+            _warn_once("group-torch", f"lora_kernels: a projection group with {why} runs wholly on the (slower) "
+                       "torch backend under backend='auto'; split the group or lower the rank to keep Triton")
         impl = "torch"
     else:
         if n > MAX_MEMBERS:

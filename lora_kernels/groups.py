@@ -14,12 +14,16 @@ ungrouped model's under the same torch RNG state.
 How it is wired (nothing in the model's structure changes): the members keep their class; each
 holds ``_lk_group = (group, index)`` in its ``__dict__`` (not a parameter, buffer or submodule, so
 module names, parameter names and the state dict are unchanged), and the parent gets a forward
-pre-hook and an always-called forward hook that open and close a per-thread *session*. While the
-parent's forward runs, the first member (index 0: q_proj / gate_proj) called with x computes every
-member's output; each later member called with that same tensor object, unmodified (same
-``_version``; inference tensors: same object), takes its output from the session's cache. The
-cache never outlives the parent's forward (the closing hook drops it, also on an exception), so
-no autograd graph is kept alive past it.
+pre-hook that opens a per-thread *session*, a forward hook that closes it when the forward returned
+and an always-called one that closes it when it raised. While the parent's forward runs, the first
+member (index 0: q_proj / gate_proj) called with x computes every member's output, holding every
+member's readers lock (LoRALinear) from reading their state to the end of the op; each later member
+called with that same tensor object, unmodified (same ``_version``), takes its output from the
+session's cache. An inference tensor has no version counter: only groups of :data:`KNOWN_PARENTS`
+(whose forward changes nothing in place between the members) compute from one; hand-made groups
+step aside. The cache never outlives the parent's forward (the closing hooks drop it, also on an
+exception), so no autograd graph is kept alive past it. A group whose members are no longer the
+parent's children (PEFT's own ``merge_and_unload``) dissolves itself at the parent's next forward.
 
 When a group computes (docs/projection-groups.md has the user-facing version), all of:
 - the parent's forward is running (called as a module) and torch.compile is not tracing
@@ -28,7 +32,8 @@ When a group computes (docs/projection-groups.md has the user-facing version), a
 - every member: one active plain-LoRA adapter (not DoRA, not per-slice ``enable_lora``, not
   several active adapters nor an ``adapter_names=`` mixed batch, not merged, not disabled; PEFT
   layers also: no ``lora_bias``, no extra forward arguments), a plain floating-point frozen weight
-  and bias (a weight or bias that requires grad while grad is enabled steps aside) — or no active
+  and bias (a weight or bias that requires grad while grad is enabled steps aside; with grad
+  disabled the op gets them detached: no graph is recorded either way) — or no active
   adapter at all (a *passive* member: it computes its base output itself and draws no seed), as
   long as at least two members are active;
 - all members have the same effective dropout probability (p if training else 0) and backend, and
@@ -45,7 +50,6 @@ in order on one tensor (:data:`KNOWN_PARENTS`), where this never happens.
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 import warnings
 
@@ -100,6 +104,9 @@ class _Spec:
 
 
 def _frozen_reason(weight, bias) -> str | None:
+    """Why this base weight / bias cannot join, or None. A weight or bias that requires grad steps aside
+    while grad is enabled (the group computes no weight gradient); with grad disabled (no_grad,
+    inference_mode) no graph is recorded either way, and ``_run`` hands the op detached tensors."""
     if type(weight) not in (torch.Tensor, nn.Parameter) or not weight.is_floating_point():
         return f"its weight is a {type(weight).__name__} of dtype {getattr(weight, 'dtype', None)} (quantized?)"
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
@@ -218,11 +225,15 @@ class _Session:
 class ProjectionGroup:
     """Members of one parent that read the same input (see the module docstring)."""
 
-    def __init__(self, parent_name: str, names: list[str], members: list[nn.Module], kind: str):
+    def __init__(self, parent_name: str, names: list[str], members: list[nn.Module], kind: str,
+                 trusted: bool = False):
         self.parent_name = parent_name
         self.names = list(names)
         self.members = list(members)
         self.kind = kind
+        # the parent is one of KNOWN_PARENTS (its forward calls the members on one tensor, never changed
+        # in place): only such a group computes from an inference tensor, which has no version counter
+        self.trusted = trusted
         self.stopped: str | None = None  # why the safety net switched the group off
         self._live: dict[int, _Session] = {}  # thread id -> the session of the parent's running forward
 
@@ -230,6 +241,16 @@ class ProjectionGroup:
         state = self.__dict__.copy()
         state["_live"] = {}
         return state
+
+    def __setstate__(self, state):
+        state.setdefault("trusted", False)  # pickled before the attribute existed
+        self.__dict__.update(state)
+
+    def current(self, parent: nn.Module) -> bool:
+        """Whether the members are still the parent's children under their names (PEFT's own
+        ``merge_and_unload``, for one, swaps them for plain layers behind our back)."""
+        children = parent._modules
+        return all(children.get(n) is m for n, m in zip(self.names, self.members))
 
     @property
     def full_names(self) -> list[str]:
@@ -240,6 +261,8 @@ class ProjectionGroup:
         self._live[threading.get_ident()] = _Session()
 
     def end(self, failed: bool = False) -> None:
+        """Close this thread's session (a no-op when already closed: on success the plain hook closes
+        it, then the always-called one finds nothing)."""
         s = self._live.pop(threading.get_ident(), None)
         if s is not None and s.cache is not None and not failed:
             unused = [self.names[i] for i in range(s.cache[3], len(self.members)) if s.cache[4][i] is not None]
@@ -308,35 +331,45 @@ class ProjectionGroup:
             return None
         if index != 0:
             return None  # only the first member starts the group; any other computes only its own output
-        specs = self.specs()
-        if isinstance(specs, str) or _reason_for_x(x, specs) is not None:
-            return None
-        return self._run(s, x, specs)
+        if isinstance(x, torch.Tensor) and x.is_inference() and not self.trusted:
+            return None  # no version counter: an in-place change between members could not be seen
+        with contextlib.ExitStack() as stack:
+            # Every member's readers lock, in member order, BEFORE its state is read and until the op has
+            # run: a merge / unmerge lands wholly before or after, as for the ungrouped forward. Writers
+            # hold one layer's lock at a time and every group takes its locks in one order (a member
+            # belongs to one group), so this cannot deadlock.
+            if self.kind == "lora":
+                for m in self.members:
+                    stack.enter_context(m._reading())
+            specs = self.specs()
+            if isinstance(specs, str) or _reason_for_x(x, specs) is not None:
+                return None
+            return self._run(s, x, specs)
 
     def _run(self, session, x, specs):
         from .functional import _autocast
         from .functions import _autocast_off
 
         ws, bs, a_s, b_s = [], [], [], []
-        xc = x
+        xc = _autocast(x, None, None, None, None)[0]  # x cast once (autocast), not once per member
+        grad = torch.is_grad_enabled()
         active = [sp for sp in specs if sp is not None]
         for sp in active:
-            xc, w, a, b, bias = _autocast(x, sp.weight, sp.a, sp.b, sp.bias)
+            _, w, a, b, bias = _autocast(xc, sp.weight, sp.a, sp.b, sp.bias)  # xc: already cast, kept
             if w.dtype != xc.dtype or w.device != xc.device:
                 return None  # the member's own path raises its clear error, or casts as PEFT does
+            if not grad:  # a base weight that requires grad, under no_grad: nothing is recorded either way
+                w = w.detach()
+                bias = None if bias is None else bias.detach()
             ws.append(w)
             a_s.append(a if a.dtype == xc.dtype else a.to(xc.dtype))
             b_s.append(b if b.dtype == xc.dtype else b.to(xc.dtype))
             bs.append(None if bias is None else (bias if bias.dtype == xc.dtype else bias.to(xc.dtype)))
         p = active[0].p
         seeds = [draw_seed() for _ in active] if p > 0.0 else [0] * len(active)  # member order, as separate layers
-        with contextlib.ExitStack() as stack:
-            if self.kind == "lora":
-                for m in self.members:
-                    stack.enter_context(m._reading())
-            GROUP_CALLS["count"] += 1
-            with _autocast_off(xc.device):
-                ys = _group_forward(xc, ws, bs, a_s, b_s, [sp.scale for sp in active], p, seeds, active[0].backend)
+        GROUP_CALLS["count"] += 1  # the members' readers locks are held by the caller (output)
+        with _autocast_off(xc.device):
+            ys = _group_forward(xc, ws, bs, a_s, b_s, [sp.scale for sp in active], p, seeds, active[0].backend)
         outputs = iter(ys)
         ys = [None if sp is None else next(outputs) for sp in specs]
         version = None if x.is_inference() else x._version
@@ -352,16 +385,32 @@ class ProjectionGroup:
 def _begin(module, args):
     if _compiling():
         return
-    for g in module.__dict__.get(_PARENT_ATTR, ()):
+    groups = module.__dict__.get(_PARENT_ATTR, ())
+    if any(not g.current(module) for g in groups):
+        groups = _prune(module)  # e.g. PEFT's own merge_and_unload replaced the members
+    for g in groups:
         g.begin()
 
 
-def _end(module, args, output):
+def _done(module, args, output):
+    """A plain forward hook: torch calls it only when the parent's forward returned."""
     if _compiling():
         return
-    failed = sys.exc_info()[0] is not None  # called by torch while the forward's exception propagates
     for g in module.__dict__.get(_PARENT_ATTR, ()):
-        g.end(failed)
+        g.end(failed=False)
+
+
+def _end(module, args, output):
+    """The always-called hook: closes what ``_done`` did not (the forward raised). Whether it raised is
+    not read from sys.exc_info(), which also holds an exception the CALLER is handling (a forward
+    called inside an ``except`` block)."""
+    if _compiling():
+        return
+    for g in module.__dict__.get(_PARENT_ATTR, ()):
+        g.end(failed=True)
+
+
+_HOOKS = (_begin, _done, _end)
 
 
 def _attach(parent: nn.Module, group: ProjectionGroup) -> None:
@@ -369,10 +418,33 @@ def _attach(parent: nn.Module, group: ProjectionGroup) -> None:
     if groups is None:
         parent.__dict__[_PARENT_ATTR] = groups = []
         parent.register_forward_pre_hook(_begin)
+        parent.register_forward_hook(_done)  # registered first: runs before _end on success
         parent.register_forward_hook(_end, always_call=True)
     groups.append(group)
     for i, m in enumerate(group.members):
         m.__dict__[_ATTR] = (group, i)
+
+
+def _release(g: ProjectionGroup) -> int:
+    n = 0
+    for m in g.members:
+        if m.__dict__.get(_ATTR, (None,))[0] is g:
+            del m.__dict__[_ATTR]
+            n += 1
+    return n
+
+
+def _prune(parent: nn.Module) -> list:
+    """Dissolve the groups of ``parent`` whose members are no longer its children; the groups left."""
+    keep = [g for g in parent.__dict__.get(_PARENT_ATTR, ()) if g.current(parent)]
+    if not keep:
+        _detach(parent)
+        return []
+    for g in parent.__dict__[_PARENT_ATTR]:
+        if g not in keep:
+            _release(g)
+    parent.__dict__[_PARENT_ATTR] = keep
+    return keep
 
 
 def _detach(parent: nn.Module) -> int:
@@ -381,16 +453,10 @@ def _detach(parent: nn.Module) -> int:
     if groups is None:
         return 0
     for hooks in (parent._forward_pre_hooks, parent._forward_hooks):
-        for key in [k for k, f in hooks.items() if f is _begin or f is _end]:
+        for key in [k for k, f in hooks.items() if any(f is h for h in _HOOKS)]:
             del hooks[key]
             parent._forward_hooks_always_called.pop(key, None)
-    n = 0
-    for g in groups:
-        for m in g.members:
-            if m.__dict__.get(_ATTR, (None,))[0] is g:
-                del m.__dict__[_ATTR]
-                n += 1
-    return n
+    return sum(_release(g) for g in groups)
 
 
 def _members_of(parent: nn.Module, names) -> tuple[list[str], list[nn.Module], str] | None:
@@ -463,7 +529,7 @@ def _apply(model: nn.Module, groups, known_only: bool, add: bool = True) -> list
                 if held is not None:
                     break
             else:
-                g = ProjectionGroup(parent_name, names, members, kind)
+                g = ProjectionGroup(parent_name, names, members, kind, trusted=_is_known_parent(parent))
                 _attach(parent, g)
                 out.append(g)
     return out
@@ -502,10 +568,15 @@ def projection_groups(model: nn.Module) -> list[dict]:
     """The model's projection groups: ``{"members": [full names], "kind": "lora" | "peft",
     "applies": bool, "reason": why not (None when it applies)}``; "applies" is for a forward in the
     model's current state (train/eval, adapters, merge ...); input-dependent conditions (dtype,
-    autocast, torch.compile) are in docs/projection-groups.md."""
+    autocast, torch.compile, inference tensors) are in docs/projection-groups.md. Groups whose members
+    are no longer their parent's children (replaced by PEFT's own ``merge_and_unload``) are dissolved
+    here, as at the parent's next forward."""
     out = []
     for m in model.modules():
-        for g in m.__dict__.get(_PARENT_ATTR, ()):
+        groups = m.__dict__.get(_PARENT_ATTR, ())
+        if any(not g.current(m) for g in groups):
+            groups = _prune(m)  # members replaced behind our back (PEFT's merge_and_unload): dissolved
+        for g in groups:
             why = g.why_not()
             out.append({"members": g.full_names, "kind": g.kind, "applies": why is None, "reason": why})
     return out

@@ -259,7 +259,7 @@ def _args(n=2, k=16, ranks=(2, 3), dtype=torch.float32):
 
 @pytest.mark.parametrize("change,error,match", [
     (lambda a: a.update(x=a["x"][:, :15]), ValueError, r"member 0: x's last dimension \(15\)"),
-    (lambda a: a["lora_as"].__setitem__(1, a["lora_as"][1][:, :8]), ValueError, r"member 1: lora_a must have shape"),
+    (lambda a: a["lora_as"].__setitem__(1, a["lora_as"][1][:, :8]), ValueError, r"^lora_as\[1\] must have shape \(r, 16\) to match weights\[1\]"),
     (lambda a: a.update(seeds=[1]), ValueError, r"len\(weights\) = 2 .*seeds: 1"),
     (lambda a: a.update(biases=[None]), ValueError, r"biases: 1"),
     (lambda a: a.update(scales=(1.0,)), ValueError, r"scales: 1"),
@@ -269,16 +269,55 @@ def _args(n=2, k=16, ranks=(2, 3), dtype=torch.float32):
     (lambda a: a["lora_as"].__setitem__(0, a["lora_as"][0][:0]), ValueError, r"member 0: rank must be >= 1"),
     (lambda a: a.update(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
     (lambda a: a.update(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)"),
-    (lambda a: a.update(scales=[1.0, float("nan")]), ValueError, r"member 1: scale must be finite"),
-    (lambda a: a.update(seeds=[0, -1], dropout_p=0.1), ValueError, r"member 1: seed must be in"),
-    (lambda a: a["weights"].__setitem__(1, a["weights"][1].double()), TypeError, r"member 1: weight dtype"),
+    (lambda a: a.update(scales=[1.0, float("nan")]), ValueError, r"^scales\[1\] must be finite"),
+    (lambda a: a.update(seeds=[0, -1], dropout_p=0.1), ValueError, r"^seeds\[1\] must be in"),
+    (lambda a: a["weights"].__setitem__(1, a["weights"][1].double()), TypeError, r"^weights\[1\] dtype"),
+    (lambda a: a["biases"].__setitem__(1, torch.zeros(3)), ValueError, r"^biases\[1\] must have shape \(4,\)"),
+    (lambda a: a.update(seeds=[0, torch.tensor([1.5])], dropout_p=0.1), TypeError, r"^seeds\[1\] must be an int"),
 ], ids=["K", "A-shape", "seeds-len", "biases-len", "scales-len", "empty", "not-list", "weight-grad", "rank0",
-        "p=1", "p<0", "scale-nan", "seed-neg", "weight-dtype"])
+        "p=1", "p<0", "scale-nan", "seed-neg", "weight-dtype", "bias-shape", "seed-tensor"])
 def test_bad_inputs_are_refused_with_clear_errors(change, error, match):
     args = _args()
     change(args)
     with pytest.raises(error, match=match):
         grouped_lora(**args, backend="torch")
+
+
+def test_seeds_none_draw_nothing_before_every_member_is_validated():
+    """seeds=None draws in member order, but only once every member passed its checks: a bad later
+    member leaves torch's generator untouched."""
+    args = _args()
+    args.update(seeds=[None, -1], dropout_p=0.1)
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"^seeds\[1\]"):
+        grouped_lora(**args, backend="torch")
+    assert torch.equal(torch.get_rng_state(), state)
+    args = _args()
+    args.update(seeds=[None, None], dropout_p=0.1, scales=[1.0, float("inf")])
+    with pytest.raises(ValueError, match=r"^scales\[1\]"):
+        grouped_lora(**args, backend="torch")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("n, ranks, why", [(5, (2, 3), "5 members"), (2, (2, 300), "rank 300 > 256")])
+def test_auto_moving_a_whole_group_to_torch_warns_once(monkeypatch, n, ranks, why):
+    """Under 'auto' on CUDA, more than 4 members or a member of rank > 256 put the whole group on the
+    torch backend: said once with a RuntimeWarning (CUDA routing stood in for by the resolver)."""
+    from lora_kernels import backends, grouped
+
+    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(grouped, "resolve_backend", lambda backend, x, n_out, r: "torch" if backend == "torch" or r > 256 else "fused")
+    args = _args(n=n, ranks=ranks)
+    with pytest.warns(RuntimeWarning, match=f"projection group with (a member of )?{why}.*wholly on the .*torch backend"):
+        ys = grouped_lora(**args, backend="auto")
+    for y, ref in zip(ys, grouped_lora(**args, backend="torch")):
+        torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grouped_lora(**args, backend="auto")  # once
 
 
 @needs_triton

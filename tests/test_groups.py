@@ -622,3 +622,183 @@ def test_refusals_and_options():
     assert lk.projection_groups(qv) == []
     lk.inject(qv, lk.LoraConfig(rank=4, target_modules=["k_proj"]), adapter_name="k2")
     assert [len(g["members"]) for g in lk.projection_groups(qv)] == [3, 3]
+
+
+# ------------------------------------------------------------------------------------------------
+# regressions from the review (/tmp/review/r*.py)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_trained_base_weight_without_grad_is_grouped_and_equals_the_opt_out(mode):
+    """A base weight that requires grad, evaluated with grad disabled: the group hands the op the
+    weight detached (nothing is recorded either way) instead of crashing in grouped_lora."""
+    plain, grouped = _pair(0.0, layers=1)
+    for model in (plain, grouped):
+        model.eval()
+        model.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
+    ids = tokens(batch=1, seq=5)
+    ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with ctx():
+        expected = plain(input_ids=ids).logits
+        before = _calls()
+        got = grouped(input_ids=ids).logits
+    assert _calls() - before == 2  # both groups computed
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # with grad enabled the group steps aside (it computes no weight gradient): still exact
+    _assert_same(_step(plain.train(), ids, seed=1), _step(grouped.train(), ids, seed=1))
+
+
+def test_merge_from_another_thread_lands_wholly_before_or_after_the_group():
+    """The group reads its members' state under their readers locks: a merge() that arrives while the
+    group is reading waits for the grouped op (the adapter is never added twice)."""
+    import threading
+    import time
+
+    plain, grouped = _pair(0.0, layers=1)
+    plain.eval()
+    grouped.eval()
+    ids = tokens(batch=1, seq=5)
+    with torch.no_grad():
+        unmerged = plain(input_ids=ids).logits
+        plain.model.layers[0].self_attn.q_proj.merge()
+        merged = plain(input_ids=ids).logits
+    assert (merged - unmerged).abs().max() < 1e-4  # merging is exact: both states give one result
+    q = grouped.model.layers[0].self_attn.q_proj
+    orig = groups.ProjectionGroup.specs
+    threads = []
+
+    def specs(self):  # another thread merges q right after the group read its members' state
+        out = orig(self)
+        if self.names[0] == "q_proj" and not threads:
+            t = threading.Thread(target=q.merge)
+            threads.append(t)
+            t.start()
+            deadline = time.monotonic() + 10  # until the merge is done, or waits for the group's locks
+            while not (q._lock._writers_waiting or q.merged) and time.monotonic() < deadline:
+                time.sleep(0.001)
+        return out
+
+    groups.ProjectionGroup.specs = specs
+    try:
+        with torch.no_grad():
+            got = grouped(input_ids=ids).logits
+    finally:
+        groups.ProjectionGroup.specs = orig
+        for t in threads:
+            t.join(10)
+    assert threads and q.merged
+    # the forward saw q wholly unmerged (the merge waited): the adapter is in the result once
+    torch.testing.assert_close(got, unmerged, rtol=1e-5, atol=1e-6)
+
+
+class _InPlaceAttn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(16, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+
+    def forward(self, h):
+        q = self.q_proj(h)
+        h.mul_(2.0)  # in place between the members
+        return q[..., :8] * self.k_proj(h) + self.v_proj(h)
+
+
+@pytest.mark.parametrize("ctx", [torch.inference_mode, torch.no_grad])
+def test_in_place_change_between_members_of_a_hand_made_group(ctx):
+    """An inference tensor has no version counter: a hand-made group steps aside for it (no stale
+    output); with grad off (a version counter) the safety net catches the change."""
+    torch.manual_seed(0)
+    plain = _InPlaceAttn().eval()
+    lk.inject(plain, lk.LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))
+    _randomize(plain)
+    grouped = copy.deepcopy(plain)
+    groups.group_projections(grouped)
+    x = torch.randn(2, 3, 16)
+    with ctx(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected, got = plain(x.clone()), grouped(x.clone())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_known_parents_stay_grouped_under_inference_mode():
+    plain, grouped = _pair(0.0, layers=1)
+    ids = tokens(batch=1, seq=5)
+    with torch.inference_mode():
+        expected = plain.eval()(input_ids=ids).logits
+        before = _calls()
+        got = grouped.eval()(input_ids=ids).logits
+    assert _calls() - before == 2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+class _QOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(16, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+
+    def forward(self, h):
+        return self.q_proj(h)  # k and v never called
+
+
+@pytest.mark.parametrize("in_except", [False, True])
+def test_forward_inside_an_except_block_keeps_the_safety_net(in_except):
+    """A forward that succeeds while the caller handles an unrelated exception is a success: outputs
+    never asked for still switch the group off."""
+    torch.manual_seed(0)
+    model = _QOnly().train()
+    lk.inject(model, lk.LoraConfig(rank=4, alpha=8, dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj"]))
+    groups.group_projections(model)
+    with pytest.warns(RuntimeWarning, match="never called"):
+        if in_except:
+            try:
+                raise KeyError("unrelated, handled by the caller")
+            except KeyError:
+                model(torch.randn(2, 16))
+        else:
+            model(torch.randn(2, 16))
+    assert lk.projection_groups(model)[0]["reason"].startswith("switched off")
+
+
+def test_a_failing_forward_is_not_taken_for_unused_outputs():
+    class Fails(_QOnly):
+        def forward(self, h):
+            self.q_proj(h)
+            raise ValueError("boom")
+
+    torch.manual_seed(0)
+    model = Fails().train()
+    lk.inject(model, lk.LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))
+    groups.group_projections(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="boom"):
+            model(torch.randn(2, 16))
+    assert lk.projection_groups(model)[0]["applies"]  # not switched off: the forward raised
+    assert model.__dict__["_lk_projection_groups"][0]._live == {}  # its session was closed all the same
+
+
+def test_peft_merge_and_unload_dissolves_the_stale_groups():
+    """PEFT's own merge_and_unload swaps the members for plain layers: the groups (and the removed
+    layers they held) go at the parent's next forward, or at projection_groups()."""
+    import gc
+    import weakref
+
+    for trigger in ("forward", "projection_groups"):
+        model = _peft_llama(0.0)
+        lk.peft.convert(model)
+        attn = model.base_model.model.model.layers[0].self_attn
+        old = weakref.ref(attn.q_proj)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            merged = model.merge_and_unload()
+        attn = merged.model.layers[0].self_attn
+        assert type(attn.q_proj) is nn.Linear
+        if trigger == "forward":
+            with torch.no_grad():
+                merged(input_ids=tokens(batch=1, seq=4))
+        else:
+            assert lk.projection_groups(merged) == []
+        gc.collect()
+        assert old() is None
+        for parent in (attn, merged.model.layers[0].mlp):
+            assert "_lk_projection_groups" not in parent.__dict__
+            assert not parent._forward_pre_hooks and not parent._forward_hooks

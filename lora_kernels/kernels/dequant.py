@@ -127,7 +127,10 @@ def load_w4(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr
     value = _code_values(packed_ptr, code_ptr, idx, mask)
     absmax = _absmax_at(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, idx, mask, start[:, None], k0, numel,
                         QBLOCK, QBLOCK2, NESTED, IDX64, BLOCK_K, INTERPRET)
-    return round_to(value * absmax, OUT_KIND)
+    if OUT_KIND == 0:  # fp32 goes into the caller's arithmetic as is: never contracted into an FMA there
+        return _mul_rn(value, absmax, INTERPRET)
+    else:
+        return round_to(value * absmax, OUT_KIND)
 
 
 @triton.jit
@@ -172,9 +175,9 @@ def weight_operands(weight, dtype: torch.dtype, fallback: torch.Tensor) -> tuple
 
     if isinstance(weight, QuantizedWeight):
         ptrs, flags = quant_operands(weight, dtype)
-        flags = dict(QUANT=True, W_KIND=flags.pop("OUT_KIND"), **flags)
+        flags = dict(QUANT=True, W_KIND=flags.pop("OUT_KIND"), INTERPRET=is_interpreter(), **flags)
         return weight.packed, weight.shape[1], 1, ptrs, flags
-    flags = dict(QUANT=False, W_KIND=0, QBLOCK=1, QBLOCK2=1, NESTED=False, IDX64=False)
+    flags = dict(QUANT=False, W_KIND=0, QBLOCK=1, QBLOCK2=1, NESTED=False, IDX64=False, INTERPRET=is_interpreter())
     return weight, weight.stride(0), weight.stride(1), (fallback,) * 5, flags
 
 

@@ -30,7 +30,7 @@ def _dora_weight_norm_kernel(
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     QUANT: tl.constexpr = False, W_KIND: tl.constexpr = 0, QBLOCK: tl.constexpr = 1, QBLOCK2: tl.constexpr = 1,
-    NESTED: tl.constexpr = False, IDX64: tl.constexpr = False,
+    NESTED: tl.constexpr = False, IDX64: tl.constexpr = False, INTERPRET: tl.constexpr = False,
 ):
     """w: N×K, a (lora_a): R×K, b (lora_b): N×R, out: N fp32 (squared norms).
 
@@ -51,7 +51,7 @@ def _dora_weight_norm_kernel(
                     mask=r_in[:, None] & k_in[None, :], other=0.0)
         if QUANT:
             w = load_w4(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, k0, N, K,
-                        QBLOCK, QBLOCK2, NESTED, W_KIND, IDX64, BLOCK_N, BLOCK_K, DOT_FP32)
+                        QBLOCK, QBLOCK2, NESTED, W_KIND, IDX64, BLOCK_N, BLOCK_K, INTERPRET)
         else:
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                         mask=n_in[:, None] & k_in[None, :], other=0.0)

@@ -43,7 +43,7 @@ def _lora_linear_bwd_kernel(
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     QUANT: tl.constexpr = False, W_KIND: tl.constexpr = 0, QBLOCK: tl.constexpr = 1, QBLOCK2: tl.constexpr = 1,
-    NESTED: tl.constexpr = False, IDX64: tl.constexpr = False,
+    NESTED: tl.constexpr = False, IDX64: tl.constexpr = False, INTERPRET: tl.constexpr = False,
 ):
     """g: M×N, w: N×K, v: M×R, a: R×K, x: M×K, c: N (fp32, DoRA), dx: M×K, da: R×K.
 
@@ -106,7 +106,7 @@ def _lora_linear_bwd_kernel(
                 if QUANT:
                     w = load_w4(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n,
                                 pid_k.to(tl.int64) * BLOCK_K, N, K, QBLOCK, QBLOCK2, NESTED, W_KIND, IDX64,
-                                BLOCK_N, BLOCK_K, DOT_FP32)
+                                BLOCK_N, BLOCK_K, INTERPRET)
                 else:
                     w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                                 mask=n_in[:, None] & k_in[None, :], other=0.0)

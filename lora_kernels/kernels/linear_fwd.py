@@ -35,7 +35,7 @@ def _lora_linear_fwd_kernel(
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     QUANT: tl.constexpr = False, W_KIND: tl.constexpr = 0, QBLOCK: tl.constexpr = 1, QBLOCK2: tl.constexpr = 1,
-    NESTED: tl.constexpr = False, IDX64: tl.constexpr = False,
+    NESTED: tl.constexpr = False, IDX64: tl.constexpr = False, INTERPRET: tl.constexpr = False,
 ):
     """x, xd: M×K, w: N×K, bias: N, u: M×R, b (lora_b): N×R, c: N (fp32), y, h: M×N.
 
@@ -73,7 +73,7 @@ def _lora_linear_fwd_kernel(
             k_in = offs_k < K
             if QUANT:
                 w = tl.trans(load_w4(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, k0, N, K,
-                                     QBLOCK, QBLOCK2, NESTED, W_KIND, IDX64, BLOCK_N, BLOCK_K, DOT_FP32))
+                                     QBLOCK, QBLOCK2, NESTED, W_KIND, IDX64, BLOCK_N, BLOCK_K, INTERPRET))
             else:
                 w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                             mask=k_in[:, None] & n_in[None, :], other=0.0)
