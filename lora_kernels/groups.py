@@ -56,7 +56,7 @@ import warnings
 import torch
 from torch import nn
 
-from .dropout import draw_seed
+from .dropout import draw_seed, draw_seed_tensor
 from .layers import LoRALinear, _compiling
 
 DEFAULT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -77,6 +77,7 @@ GROUP_CALLS = {"count": 0}
 
 _ATTR = "_lk_group"              # on a member: (ProjectionGroup, index)
 _PARENT_ATTR = "_lk_projection_groups"  # on a parent: [ProjectionGroup, ...]
+_X_ATTR = "_lk_group_out"        # on x while torch.compile traces (traced_output): (group, specs, outputs, next)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,9 +195,11 @@ def _specs_reason(specs) -> str | None:
     return None
 
 
-def _reason_for_x(x, specs) -> str | None:
+def _reason_for_x(x, specs, traced: bool = False) -> str | None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.numel() == 0:
         return "the input is not a non-empty floating-point tensor"
+    if traced:  # (dynamo traces no forward-AD level nor functorch transform into a graph of these ops)
+        return _specs_reason(specs)
     from torch.autograd import forward_ad
 
     if getattr(forward_ad, "_current_level", -1) >= 0 or torch._C._are_functorch_transforms_active():
@@ -346,7 +349,55 @@ class ProjectionGroup:
                 return None
             return self._run(s, x, specs)
 
+    def traced_output(self, index: int, x, args=(), kwargs=None):
+        """While torch.compile traces: member ``index``'s output from the group, or None (its own op).
+
+        What dynamo cannot trace (thread-locals, locks, version counters, warnings) is left out, and so
+        is any mutation of an object that lives outside the traced forward (inside an activation
+        checkpoint, dynamo refuses those: "HOP: Unsafe side effect"). Only a group of a
+        :data:`KNOWN_PARENTS` parent computes (its forward calls the members in order on one tensor and
+        changes nothing in place; hand-made groups step aside). The first member records ONE
+        ``grouped_lora_fwd`` in the graph and hangs the outputs on x itself (``x._lk_group_out``, a
+        tensor made inside the traced forward); each later member called with that tensor takes its
+        output from there, and the last one clears it, so nothing outlives the parent's forward. The
+        seeds are drawn as tensors (``draw_seed_tensor``, in the graph), one per active member in
+        member order, as the separate layers' compiled ops draw theirs."""
+        if not self.trusted or self.stopped is not None or args or kwargs:
+            return None
+        c = getattr(x, _X_ATTR, None) if isinstance(x, torch.Tensor) else None
+        if c is not None and c[0] is self:
+            specs, ys, nxt = c[1], c[2], c[3]
+            if specs[index] is None:
+                return None  # passive: its own base output
+            if index != nxt:  # (a known parent never gets here) the member computes alone
+                return None
+            nxt = _next_active(specs, index + 1)
+            setattr(x, _X_ATTR, (self, specs, ys, nxt) if nxt < len(specs) else None)
+            return ys[index]
+        if index != 0:
+            return None
+        specs = self.specs()
+        if isinstance(specs, str) or _reason_for_x(x, specs, traced=True) is not None:
+            return None
+        ys = self._compute(x, specs, traced=True)
+        if ys is None:
+            return None
+        nxt = _next_active(specs, 1)
+        if nxt < len(specs):
+            setattr(x, _X_ATTR, (self, specs, ys, nxt))
+        return ys[0]
+
     def _run(self, session, x, specs):
+        ys = self._compute(x, specs, traced=False)
+        if ys is None:
+            return None
+        version = None if x.is_inference() else x._version
+        nxt = _next_active(specs, 1)
+        session.cache = [x, version, ys, nxt, specs] if nxt < len(specs) else None
+        return ys[0]  # None for a passive first member: it computes its base output itself
+
+    def _compute(self, x, specs, traced: bool):
+        """Every member's output (None for a passive one), or None: the members run their own paths."""
         from .functional import _autocast
         from .functions import _autocast_off
 
@@ -366,16 +417,20 @@ class ProjectionGroup:
             b_s.append(b if b.dtype == xc.dtype else b.to(xc.dtype))
             bs.append(None if bias is None else (bias if bias.dtype == xc.dtype else bias.to(xc.dtype)))
         p = active[0].p
-        seeds = [draw_seed() for _ in active] if p > 0.0 else [0] * len(active)  # member order, as separate layers
-        GROUP_CALLS["count"] += 1  # the members' readers locks are held by the caller (output)
-        with _autocast_off(xc.device):
-            ys = _group_forward(xc, ws, bs, a_s, b_s, [sp.scale for sp in active], p, seeds, active[0].backend)
+        # member order, as the separate layers draw: ints in eager (their value, as draw_seed_tensor's),
+        # tensors while tracing (a randint node in the graph, as the separate layers' compiled ops draw)
+        draw = draw_seed_tensor if traced else draw_seed
+        seeds = [draw() for _ in active] if p > 0.0 else [0] * len(active)
+        if not traced:  # a traced count would be a constant replayed by every compiled call
+            GROUP_CALLS["count"] += 1  # the members' readers locks are held by the caller (output)
+        scales = [sp.scale for sp in active]
+        if traced:  # the inputs are cast; the op runs with autocast off (torch 2.11's dynamo cannot trace
+            ys = _group_forward(xc, ws, bs, a_s, b_s, scales, p, seeds, active[0].backend)  # _autocast_off)
+        else:
+            with _autocast_off(xc.device):
+                ys = _group_forward(xc, ws, bs, a_s, b_s, scales, p, seeds, active[0].backend)
         outputs = iter(ys)
-        ys = [None if sp is None else next(outputs) for sp in specs]
-        version = None if x.is_inference() else x._version
-        nxt = _next_active(specs, 1)
-        session.cache = [x, version, ys, nxt, specs] if nxt < len(specs) else None
-        return ys[0]  # None for a passive first member: it computes its base output itself
+        return [None if sp is None else next(outputs) for sp in specs]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -383,7 +438,7 @@ class ProjectionGroup:
 
 
 def _begin(module, args):
-    if _compiling():
+    if _compiling():  # (a traced forward: ProjectionGroup.traced_output keeps no session)
         return
     groups = module.__dict__.get(_PARENT_ATTR, ())
     if any(not g.current(module) for g in groups):

@@ -452,9 +452,9 @@ class LoRALinear(_AdapterHost):
         return self._dora_norm(self.active)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = None if _compiling() else self.__dict__.get("_lk_group")  # lora_kernels.groups (eager only)
+        group = self.__dict__.get("_lk_group")  # lora_kernels.groups
         if group is not None:
-            y = group[0].output(group[1], x)
+            y = group[0].traced_output(group[1], x) if _compiling() else group[0].output(group[1], x)
             if y is not None:
                 return y
         with self._reading():

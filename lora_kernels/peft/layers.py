@@ -170,9 +170,10 @@ class Linear(peft_lora.Linear):
     """PEFT's lora.Linear computing its forward with lora_kernels (see the module docstring)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        group = None if _compiling() else self.__dict__.get("_lk_group")  # lora_kernels.groups (eager only)
+        group = self.__dict__.get("_lk_group")  # lora_kernels.groups
         if group is not None:
-            y = group[0].output(group[1], x, args, kwargs)
+            y = (group[0].traced_output(group[1], x, args, kwargs) if _compiling()
+                 else group[0].output(group[1], x, args, kwargs))
             if y is not None:
                 return y
         name, result = _peft_preamble(self, x, args, kwargs)
