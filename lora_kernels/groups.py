@@ -437,14 +437,32 @@ class ProjectionGroup:
 # parents: hooks that open and close a session around the parent's forward
 
 
-def _begin(module, args):
-    if _compiling():  # (a traced forward: ProjectionGroup.traced_output keeps no session)
-        return
+def _begin(module, args, kwargs=None):
+    if _compiling():
+        return _traced_inputs(module, args, kwargs)
     groups = module.__dict__.get(_PARENT_ATTR, ())
     if any(not g.current(module) for g in groups):
         groups = _prune(module)  # e.g. PEFT's own merge_and_unload replaced the members
     for g in groups:
         g.begin()
+
+
+def _traced_inputs(module, args, kwargs):
+    """While torch.compile traces a grouped parent: its tensor arguments replaced by views of
+    themselves (same values, same gradients), made inside the traced forward. The members' shared x
+    is then a tensor of the parent's own scope, so ProjectionGroup.traced_output may hang the group's
+    outputs on it even when the parent is called inside an activation checkpoint (dynamo refuses
+    there any mutation of an object made outside it, the caller's tensor included)."""
+    if not any(g.trusted for g in module.__dict__.get(_PARENT_ATTR, ())):
+        return None  # no group computes under compile: the inputs stay as they are
+
+    def alias(v):
+        return v.view_as(v) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    args = tuple(alias(v) for v in args)
+    if kwargs is None:  # registered without kwargs (a model pickled before they were passed)
+        return args
+    return args, {k: alias(v) for k, v in kwargs.items()}
 
 
 def _done(module, args, output):
@@ -472,7 +490,7 @@ def _attach(parent: nn.Module, group: ProjectionGroup) -> None:
     groups = parent.__dict__.get(_PARENT_ATTR)
     if groups is None:
         parent.__dict__[_PARENT_ATTR] = groups = []
-        parent.register_forward_pre_hook(_begin)
+        parent.register_forward_pre_hook(_begin, with_kwargs=True)
         parent.register_forward_hook(_done)  # registered first: runs before _end on success
         parent.register_forward_hook(_end, always_call=True)
     groups.append(group)
@@ -511,6 +529,7 @@ def _detach(parent: nn.Module) -> int:
         for key in [k for k, f in hooks.items() if any(f is h for h in _HOOKS)]:
             del hooks[key]
             parent._forward_hooks_always_called.pop(key, None)
+            parent._forward_pre_hooks_with_kwargs.pop(key, None)
     return sum(_release(g) for g in groups)
 
 
