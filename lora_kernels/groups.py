@@ -26,9 +26,9 @@ exception), so no autograd graph is kept alive past it. A group whose members ar
 parent's children (PEFT's own ``merge_and_unload``) dissolves itself at the parent's next forward.
 
 When a group computes (docs/projection-groups.md has the user-facing version), all of:
-- the parent's forward is running (called as a module) and torch.compile is not tracing
-  (``torch.compiler.is_compiling()``: the group steps aside and the compiled graph has the members'
-  own custom ops), no forward-mode AD or functorch transform is active;
+- the parent's forward is running (called as a module), no forward-mode AD or functorch transform is
+  active (while torch.compile traces, :meth:`ProjectionGroup.traced_output` is the route instead: a
+  KNOWN_PARENTS group puts one grouped op in the graph; a hand-made group steps aside);
 - every member: one active plain-LoRA adapter (not DoRA, not per-slice ``enable_lora``, not
   several active adapters nor an ``adapter_names=`` mixed batch, not merged, not disabled; PEFT
   layers also: no ``lora_bias``, no extra forward arguments), a plain floating-point frozen weight
@@ -77,7 +77,7 @@ GROUP_CALLS = {"count": 0}
 
 _ATTR = "_lk_group"              # on a member: (ProjectionGroup, index)
 _PARENT_ATTR = "_lk_projection_groups"  # on a parent: [ProjectionGroup, ...]
-_X_ATTR = "_lk_group_out"        # on x while torch.compile traces (traced_output): (group, specs, outputs, next)
+_X_ATTR = "_lk_group_out"        # while torch.compile traces, on views of a parent's inputs: see traced_output
 
 
 # ------------------------------------------------------------------------------------------------
@@ -356,23 +356,34 @@ class ProjectionGroup:
         is any mutation of an object that lives outside the traced forward (inside an activation
         checkpoint, dynamo refuses those: "HOP: Unsafe side effect"). Only a group of a
         :data:`KNOWN_PARENTS` parent computes (its forward calls the members in order on one tensor and
-        changes nothing in place; hand-made groups step aside). The first member records ONE
-        ``grouped_lora_fwd`` in the graph and hangs the outputs on x itself (``x._lk_group_out``, a
-        tensor made inside the traced forward); each later member called with that tensor takes its
-        output from there, and the last one clears it, so nothing outlives the parent's forward. The
-        seeds are drawn as tensors (``draw_seed_tensor``, in the graph), one per active member in
-        member order, as the separate layers' compiled ops draw theirs."""
-        if not self.trusted or self.stopped is not None or args or kwargs:
+        changes nothing in place; hand-made groups step aside). The parent's pre-hook hands its forward
+        views of its tensor inputs, each tagged ``_lk_group_out`` = ((group, None), ...): the traced
+        session, on a tensor made inside the traced forward. The first member called with such a
+        tensor records ONE ``grouped_lora_fwd`` in the graph and puts the outputs in its group's entry
+        of the tag; each later member called with that tensor, in order, takes its output from there;
+        the last one drops them, so nothing outlives the parent's forward. A member called with any
+        other tensor (outside the parent's forward, say) computes alone. The seeds are drawn as tensors
+        (``draw_seed_tensor``, in the graph), one per active member in member order, as the separate
+        layers' compiled ops draw theirs."""
+        if not self.trusted or self.stopped is not None or args or kwargs or not isinstance(x, torch.Tensor):
             return None
-        c = getattr(x, _X_ATTR, None) if isinstance(x, torch.Tensor) else None
-        if c is not None and c[0] is self:
-            specs, ys, nxt = c[1], c[2], c[3]
-            if specs[index] is None:
-                return None  # passive: its own base output
-            if index != nxt:  # (a known parent never gets here) the member computes alone
+        tag = getattr(x, _X_ATTR, None)
+        if tag is None:
+            return None  # not an input of the parent's traced forward
+        state, found = None, False
+        for g, st in tag:
+            if g is self:
+                state, found = st, True
+        if not found:
+            return None
+        if state is not None:
+            if len(state) == 0:
+                return None  # the group was served already
+            specs, ys, nxt = state
+            if specs[index] is None or index != nxt:  # passive (or, never from a known parent: out of order)
                 return None
             nxt = _next_active(specs, index + 1)
-            setattr(x, _X_ATTR, (self, specs, ys, nxt) if nxt < len(specs) else None)
+            self._tag(x, tag, (specs, ys, nxt) if nxt < len(specs) else ())
             return ys[index]
         if index != 0:
             return None
@@ -383,9 +394,11 @@ class ProjectionGroup:
         if ys is None:
             return None
         nxt = _next_active(specs, 1)
-        if nxt < len(specs):
-            setattr(x, _X_ATTR, (self, specs, ys, nxt))
+        self._tag(x, tag, (specs, ys, nxt) if nxt < len(specs) else ())
         return ys[0]
+
+    def _tag(self, x, tag, state) -> None:
+        setattr(x, _X_ATTR, tuple((g, state if g is self else st) for g, st in tag))
 
     def _run(self, session, x, specs):
         ys = self._compute(x, specs, traced=False)
@@ -448,16 +461,23 @@ def _begin(module, args, kwargs=None):
 
 
 def _traced_inputs(module, args, kwargs):
-    """While torch.compile traces a grouped parent: its tensor arguments replaced by views of
-    themselves (same values, same gradients), made inside the traced forward. The members' shared x
-    is then a tensor of the parent's own scope, so ProjectionGroup.traced_output may hang the group's
-    outputs on it even when the parent is called inside an activation checkpoint (dynamo refuses
-    there any mutation of an object made outside it, the caller's tensor included)."""
-    if not any(g.trusted for g in module.__dict__.get(_PARENT_ATTR, ())):
+    """While torch.compile traces a grouped parent: its floating-point tensor arguments replaced by
+    views of themselves (same values, same gradients) made inside the traced forward, each tagged with
+    the traced session of the parent's KNOWN_PARENTS groups (ProjectionGroup.traced_output). The
+    members' shared x is then a tensor of the parent's own scope, so the group may keep its outputs on
+    it even when the parent is called inside an activation checkpoint (dynamo refuses there any
+    mutation of an object made outside it, the caller's tensor included), and a member called with
+    any other tensor knows it is not inside the parent's forward."""
+    session = tuple((g, None) for g in module.__dict__.get(_PARENT_ATTR, ()) if g.trusted)
+    if not session:
         return None  # no group computes under compile: the inputs stay as they are
 
     def alias(v):
-        return v.view_as(v) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            return v
+        v = v.view_as(v)
+        setattr(v, _X_ATTR, session)
+        return v
 
     args = tuple(alias(v) for v in args)
     if kwargs is None:  # registered without kwargs (a model pickled before they were passed)

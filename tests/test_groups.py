@@ -557,7 +557,8 @@ def test_torch_compile_traces_one_grouped_op_per_group_and_matches_eager(inner, 
 
 
 def test_torch_compile_opt_out_and_hand_made_groups_have_no_grouped_op():
-    """The opted-out model's graph has the seven single-layer ops and no grouped one; a group made by
+    """The opted-out model's graph has the seven single-layer ops and no grouped one; members called
+    outside their parent's forward compute alone; a group made by
     group_projections under a parent that is not a KNOWN_PARENTS class steps aside under compile (its
     safety net needs what dynamo cannot trace): three single ops, results equal the ungrouped ones."""
     torch._dynamo.reset()
@@ -565,6 +566,18 @@ def test_torch_compile_opt_out_and_hand_made_groups_have_no_grouped_op():
     found = []
     _loss_step(_compile(_lm_loss(plain), "eager", found), plain, tokens(batch=1, seq=8), seed=1)
     assert found == [{"grouped": 0, "single": 7}]
+    # members called on their own (not inside their parent's forward) compute alone, as in eager
+    _, grouped = _pair(0.3, layers=1)
+    attn = grouped.model.layers[0].self_attn
+    h = torch.randn(1, 4, 32)
+    found = []
+    compiled = _compile(lambda h: attn.q_proj(h).sum() + attn.k_proj(h).sum(), "eager", found)
+    torch.manual_seed(2)
+    got = compiled(h)
+    torch.manual_seed(2)
+    ref = attn.q_proj(h).sum() + attn.k_proj(h).sum()
+    assert found == [{"grouped": 0, "single": 2}]
+    torch.testing.assert_close(got, ref)
     attn_plain, attn_grouped = _attn_pair(0.25)
     h = torch.randn(3, 5, 16)
     found = []
