@@ -556,6 +556,27 @@ def test_torch_compile_traces_one_grouped_op_per_group_and_matches_eager(inner, 
     torch._dynamo.reset()
 
 
+def test_torch_compile_under_autocast_equals_the_eager_group():
+    """bf16 autocast: the traced group casts as the eager one does; compiled equals eager within bf16
+    rounding (torch 2.11's compiled graph rounds differently from eager by an ulp, grouped or not)."""
+    torch._dynamo.reset()
+    _, grouped = _pair(0.3, layers=1)
+    ids = tokens(batch=1, seq=8)
+    found = []
+    compiled = _compile(_lm_loss(grouped), "aot_eager", found)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_c, grads_c = _loss_step(compiled, grouped, ids, seed=5)
+        loss_e, grads_e = _loss_step(_lm_loss(grouped), grouped, ids, seed=5)
+    assert found == [{"grouped": 2, "single": 2}]
+    assert loss_c.dtype == loss_e.dtype
+    torch.testing.assert_close(loss_c, loss_e, rtol=1.6e-2, atol=1e-3)
+    assert grads_c.keys() == grads_e.keys()
+    for n in grads_e:
+        assert grads_c[n].dtype == grads_e[n].dtype == torch.float32, n
+        torch.testing.assert_close(grads_c[n], grads_e[n], rtol=1.6e-2, atol=4e-3, msg=n)
+    torch._dynamo.reset()
+
+
 def test_torch_compile_opt_out_and_hand_made_groups_have_no_grouped_op():
     """The opted-out model's graph has the seven single-layer ops and no grouped one; members called
     outside their parent's forward compute alone; a group made by
