@@ -437,8 +437,8 @@ class ProjectionGroup:
         if not traced:  # a traced count would be a constant replayed by every compiled call
             GROUP_CALLS["count"] += 1  # the members' readers locks are held by the caller (output)
         scales = [sp.scale for sp in active]
-        if traced:  # the inputs are cast; the op runs with autocast off (torch 2.11's dynamo cannot trace
-            ys = _group_forward(xc, ws, bs, a_s, b_s, scales, p, seeds, active[0].backend)  # _autocast_off)
+        if traced:  # inputs cast above; the op turns autocast off inside itself (torch 2.11's dynamo cannot
+            ys = _group_forward(xc, ws, bs, a_s, b_s, scales, p, seeds, active[0].backend)  # trace _autocast_off)
         else:
             with _autocast_off(xc.device):
                 ys = _group_forward(xc, ws, bs, a_s, b_s, scales, p, seeds, active[0].backend)
