@@ -69,13 +69,19 @@ def _stream_key(device: torch.device):
 
 def scratch_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A flat buffer of at least ``numel`` elements for (device, dtype, current CUDA stream), grown when
-    needed, reused."""
+    needed, reused.
+
+    Always a normal tensor, also when first needed under ``torch.inference_mode`` (it is allocated with
+    inference mode off): a normal tensor may be written in place inside inference mode, while an
+    inference tensor could never be written (or used in an autograd-recorded op) outside it, so one
+    buffer serves inference-first and training-first programs alike."""
     device = torch.device(device)
     key = (device, dtype, _stream_key(device))
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < numel:
         _SCRATCH.pop(key, None)  # free the smaller one first
-        buf = torch.empty(numel, dtype=dtype, device=device)
+        with torch.inference_mode(False):
+            buf = torch.empty(numel, dtype=dtype, device=device)
         _SCRATCH[key] = buf
     return buf[:numel]
 
