@@ -45,6 +45,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         if not isinstance(qweight, QuantizedWeight):
             raise TypeError(f"qweight must be a QuantizedWeight, got {type(qweight).__name__}")
+        qlora.prepare_for_compile()  # so torch.compile(fullgraph=True) names qlora.COMPILE_REASON
         self.backend = backend
         self._set_qweight(qweight)
         if bias is not None:
@@ -179,6 +180,7 @@ class QLoRALinear(LoRALinear):
         if not is_quantized_linear(base_layer):
             raise TypeError(f"base_layer must be a lora_kernels QuantLinear or a bitsandbytes Linear4bit, got "
                             f"{type(base_layer).__name__}")
+        qlora.prepare_for_compile()  # so torch.compile(fullgraph=True) names qlora.COMPILE_REASON
         self.base_layer = base_layer
         self.fan_in_fan_out = False
         _keep_bnb_layout(base_layer)
@@ -472,6 +474,7 @@ def convert_peft_linear4bit(module: nn.Module, name: str, converted: list, skipp
     if reason is not None:
         skipped[name] = reason
         return
+    qlora.prepare_for_compile()  # so torch.compile(fullgraph=True) names qlora.COMPILE_REASON
     module.__class__ = Linear4bit
     converted.append(name)
 
