@@ -438,14 +438,18 @@ def _peft_fused_forward(self, x, *args, **kwargs):
     from .peft.layers import dropout_p as _dropout_p
 
     if args or kwargs:
-        raise NotImplementedError(f"lora_kernels-converted PEFT layer: extra forward arguments {list(kwargs)} "
-                                  "(e.g. mixed-adapter batches) are not supported")
-    if self.disable_adapters or self.merged or not self.active_adapters:
+        raise NotImplementedError(f"lora_kernels-converted PEFT layer: extra forward arguments ({len(args)} "
+                                  f"positional, keywords {sorted(kwargs)}; e.g. adapter_names for mixed-adapter "
+                                  "batches) are not supported")
+    # the active adapters this layer has: PEFT's adapters may target different modules, so an active one
+    # can be absent here (PEFT's own forward skips it too)
+    active = [name for name in self.active_adapters if name in self.lora_A]
+    if self.disable_adapters or self.merged or not active:
         return type(self).__mro__[1].forward(self, x)
-    if len(self.active_adapters) != 1:
-        raise NotImplementedError(f"lora_kernels-converted PEFT layer: {len(self.active_adapters)} active "
-                                  "adapters; one is supported")
-    name = self.active_adapters[0]
+    if len(active) != 1:
+        raise NotImplementedError(f"lora_kernels-converted PEFT layer: {len(active)} active adapters on this "
+                                  f"layer ({active}); one is supported")
+    name = active[0]
     base = self.base_layer
     qw = from_bnb(base.weight)
     dtype = base.compute_dtype if base.compute_dtype is not None else x.dtype
