@@ -157,3 +157,20 @@ def test_cli_refuses_bad_arguments(argv, message, capsys):
 def test_module_main_refuses_bad_checkpointing(capsys):
     assert mb.main(["--checkpointing", "maybe"]) == 2
     assert "--checkpointing: 'maybe'" in capsys.readouterr().err
+
+
+def test_cpu_run_on_a_cuda_machine_is_reported_as_cpu(monkeypatch):
+    """--device cpu where CUDA is available: the model report's hardware line, columns and note say CPU."""
+    for optional in ("peft", "bitsandbytes"):  # imported before CUDA is mocked (bitsandbytes would load its CUDA ops)
+        try:
+            __import__(optional)
+        except Exception:
+            pass
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200 (mocked)")
+    results, meta = mb.run_model_bench(MICRO, [mb.RunSpec("lora", 0.0, False)], engines=["inject"], device="cpu",
+                                       rank=4, alpha=8.0, steps=1, warmup=0, log=lambda s: None)
+    assert (meta["device"], meta["gpu"]) == ("cpu", None)
+    text = report.summary_text(results, meta)
+    assert "(mocked)" not in text and "CUDA" not in text
+    assert "# CPU " in text and "CPU timings" in text

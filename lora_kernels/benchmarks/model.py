@@ -514,7 +514,7 @@ def run_model_bench(preset: ModelPreset, specs: list[RunSpec], *, engines=DEFAUL
         results += spec_results
     from .env import env_info
 
-    meta = env_info()
+    meta = env_info(device)
     meta.update(preset=asdict(preset), dtype=dtype, rank=rank, alpha=alpha, seq=seq, batch=batch, tokens=batch * seq,
                 warmup_steps=warmup, timed_steps=steps, lr=lr, seed=seed, engines=list(engines),
                 targets=list(PROJECTIONS), loss_checks=verdicts, elapsed_s=round(time.time() - t_start, 1))
