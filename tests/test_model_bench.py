@@ -143,7 +143,10 @@ def test_default_specs_cover_both_kinds_and_checkpointing():
 
 @pytest.mark.parametrize("argv, message", [
     (["bench", "--model", "nope"], "is not one of tiny"),
-    (["bench", "--model", "tiny", "--projections", "q/o"], "--projections apply to the layer bench only"),
+    (["bench", "--model", "tiny", "--projections", "q/o"], "--projections applies to the layer bench only"),
+    (["bench", "--model", "tiny", "--quant", "nf4"], "--quant applies to the layer bench only"),
+    (["bench", "--model", "tiny", "--time-interpreter", "--no-model", "--compile-backend", "eager", "--no-progress"],
+     "--time-interpreter, --no-model, --compile-backend, --no-progress apply to the layer bench only"),
     (["bench", "--model", "tiny", "--providers", "peft,unfused"], "'unfused' is not one of peft"),
     (["bench", "--model", "tiny", "--kinds", "lora,ia3"], "'ia3' is not one of lora, dora"),
     (["bench", "--model", "tiny", "--ranks", "8,16"], "give one value"),
@@ -152,6 +155,16 @@ def test_default_specs_cover_both_kinds_and_checkpointing():
 def test_cli_refuses_bad_arguments(argv, message, capsys):
     assert cli_main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["bench", "--model", "tiny", "--budget", "0"], ["bench", "--budget", "0"],
+                                  ["bench", "--budget", "-3"]])
+def test_bench_refuses_a_zero_budget(argv, capsys):
+    """bench --budget 0 would mean "no budget" (layer bench) or "run nothing" (model bench): refused."""
+    with pytest.raises(SystemExit) as exc:
+        cli_main(argv)
+    assert exc.value.code == 2
+    assert "give seconds > 0 (leave --budget out for no budget)" in capsys.readouterr().err
 
 
 def test_module_main_refuses_bad_checkpointing(capsys):
