@@ -251,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     p_check.add_argument("--json", default=None, metavar="PATH",
                          help="also write every figure to this JSON file (rewritten after each family)")
     p_check.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                         help="family i of n starts no case after (i+1)/n of this; the cases not run are listed "
-                              "(not failures) (default: none, every case runs)")
+                         help="family i of n starts no case but its first after (i+1)/n of this: every family "
+                              "runs at least its first case, even past the budget; the cases not run are listed by "
+                              "name (not failures) (default: none, every case runs)")
     p_check.set_defaults(func=_cmd_check)
 
     p_bench = sub.add_parser(
