@@ -34,8 +34,9 @@ def _worst(errors: dict[str, float]) -> str:
     return max(errors, key=lambda q: (errors[q] != errors[q], errors[q]))  # NaN first
 
 
-def _run_family(fam, cases, paths, device, out, summary, deadline=None) -> tuple[int, int, list[dict], int]:
-    """Every path on every case (none started after ``deadline``): (failures, total, records, cases not run)."""
+def _run_family(fam, cases, paths, device, out, summary, deadline=None) -> tuple[int, int, list[dict], list]:
+    """Every path on every case (none but the first started after ``deadline``, so every family is
+    validated on at least one case): (failures, total, records, the cases not run)."""
     width = max(len(str(c)) for c in cases)
     if summary:
         out(f"{'family':6} {'path':7} {'case':{width}} {'max rel err':>11} {'(qty)':7} {'tol':>8}  result")
@@ -43,9 +44,11 @@ def _run_family(fam, cases, paths, device, out, summary, deadline=None) -> tuple
         out(f"{'family':6} {'path':7} {'case':{width}} {'qty':5} {'rel err':>9} {'tol':>8}  result")
     failures, total, records = 0, 0, []
     for done, case in enumerate(cases):
-        if deadline is not None and time.perf_counter() > deadline:
-            out(f"# {fam.name}: --budget spent: {len(cases) - done} of {len(cases)} cases not run")
-            return failures, total, records, len(cases) - done
+        if done > 0 and deadline is not None and time.perf_counter() > deadline:
+            skipped = cases[done:]
+            out(f"# {fam.name}: --budget spent: {len(skipped)} of {len(cases)} cases not run: "
+                + "; ".join(str(c) for c in skipped))
+            return failures, total, records, skipped
         try:
             with nan_empty():
                 prepared = fam.prepare(case, device)
@@ -80,7 +83,7 @@ def _run_family(fam, cases, paths, device, out, summary, deadline=None) -> tuple
             else:
                 for qty, err in errors.items():
                     out(f"{row} {qty:5} {err:9.2e} {tol:8.0e}  {'pass' if oks[qty] else 'FAIL'}")
-    return failures, total, records, 0
+    return failures, total, records, []
 
 
 def run_check(device: str | None = None, grid: str | None = None, paths: list[str] | None = None,
@@ -92,8 +95,9 @@ def run_check(device: str | None = None, grid: str | None = None, paths: list[st
     (path, case) with the largest error; then one summary line per family. Returns True when every
     error is within tolerance (a crash is a failure). ``json_path`` also writes every figure (rewritten
     after each family, so a run killed midway keeps the finished families). ``budget``: seconds; family
-    i of n starts no case after i+1 n-ths of it (time a family leaves unused passes on), and the cases
-    not run are listed, not counted as failures (but a run in which nothing ran fails)."""
+    i of n starts no case but its first after i+1 n-ths of it (time a family leaves unused passes on):
+    every family runs at least its first case, even past the budget, and the cases not run are listed
+    by name, not counted as failures."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     grid = grid or ("gpu" if device == "cuda" else "small")
     if grid not in GRID_NAMES:
@@ -132,13 +136,16 @@ def run_check(device: str | None = None, grid: str | None = None, paths: list[st
             out(f"# {line}")
         t = time.perf_counter()
         deadline = None if budget is None else t0 + budget * (i + 1) / len(fams)
-        f_fail, f_total, f_records, not_run = _run_family(fam, cases, fam_paths, device, out, summary, deadline)
+        f_fail, f_total, f_records, skipped_cases = _run_family(fam, cases, fam_paths, device, out, summary,
+                                                                deadline)
+        not_run = len(skipped_cases)
         seconds = time.perf_counter() - t
         verdict = "all within tolerance" if f_fail == 0 else f"FAILED: {f_fail} not within tolerance"
         skipped = f", {not_run} not run" if not_run else ""
         out(f"# {fam.name}: {f_total - f_fail}/{f_total} {verdict} ({len(cases) - not_run} cases x {len(fam_paths)} "
             f"paths{skipped}, {seconds:.1f} s)")
         per_family[fam.name] = {"paths": fam_paths, "cases": len(cases), "not_run": not_run,
+                                "not_run_cases": [str(c) for c in skipped_cases],
                                 "passed": f_total - f_fail, "total": f_total, "seconds": seconds}
         failures, total, records = failures + f_fail, total + f_total, records + f_records
         write_json()

@@ -52,6 +52,17 @@ def _use_interpreter_without_gpu(device: str | None) -> str:
     return device
 
 
+def positive_seconds(text: str) -> float:
+    """argparse type of bench's --budget: seconds > 0 (omitting the option means no budget)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds > 0 (leave --budget out for no budget)")
+    return value
+
+
 def _csv(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
@@ -115,6 +126,12 @@ def _cmd_bench(args) -> int:
         for p in providers:
             if p not in prov.PROVIDERS:
                 raise ValueError(f"--providers: {p!r} is not one of {', '.join(prov.PROVIDERS)}")
+        if args.providers:  # asked for: refused rather than silently measuring nothing for them
+            idle = prov.not_applicable(providers, shapes)
+            if idle:
+                raise ValueError(idle)
+        else:  # the defaults: those that apply to the grid (e.g. no 4-bit providers on a dense custom grid)
+            providers = [p for p in providers if any(prov.applies(p, s) for s in shapes)]
         # On a CPU only forward + backward is timed by default (one stable figure per provider and shape)
         default_modes = list(rows_mod.MODES) if device == "cuda" else ["fwdbwd"]
         modes = [] if args.saved_bytes_only else (_csv(args.modes) or default_modes)
@@ -140,7 +157,7 @@ def _cmd_bench(args) -> int:
     untimed = () if device == "cuda" or args.time_interpreter else prov.INTERPRETED_PROVIDERS
     rows, meta, files = layer.run_bench(shapes, providers, device, modes, out_dir=args.out, budget_s=args.budget,
                                      progress=not args.no_progress, plots=not args.no_plots,
-                                     compile_backend=args.compile_backend, timer=timer,
+                                     compile_backend=args.compile_backend or "inductor", timer=timer,
                                      meta_extra={"preset": "custom" if custom else preset, "argv": args.argv},
                                      untimed=untimed, model_bench=not args.no_model)
     print(f"# {report.hardware_line(meta)}")
@@ -234,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     p_check.add_argument("--json", default=None, metavar="PATH",
                          help="also write every figure to this JSON file (rewritten after each family)")
     p_check.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                         help="family i of n starts no case after (i+1)/n of this; the cases not run are listed "
-                              "(not failures) (default: none, every case runs)")
+                         help="family i of n starts no case but its first after (i+1)/n of this: every family "
+                              "runs at least its first case, even past the budget; the cases not run are listed by "
+                              "name (not failures) (default: none, every case runs)")
     p_check.set_defaults(func=_cmd_check)
 
     p_bench = sub.add_parser(
@@ -271,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="comma-separated subset of base,unfused,peft,compile,torch,fused,hybrid and, for 4-bit "
                               "shapes (--quant), bnb4-base,peft-qlora,qlora-torch,qlora-fused,qlora-hybrid "
                               "(default: every one but torch and qlora-torch on a GPU; on a CPU all but compile); "
-                              "a provider runs only on the shapes it applies to")
+                              "a provider runs only on the shapes it applies to; one that applies to none of the "
+                              "grid's shapes is refused (e.g. a 4-bit provider without --quant on a custom grid)")
     p_bench.add_argument("--quant", default=None,
                          help="comma-separated weight formats to run every shape with: none (dense), nf4, fp4; "
                               "a 4-bit shape runs the 4-bit providers on one weight quantised by bitsandbytes (or "
@@ -281,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--saved-bytes-only", action="store_true",
                          help="validate and measure bytes saved for backward, no timing (exact on CPU too)")
     p_bench.add_argument("--out", default="bench_out", help="output folder")
-    p_bench.add_argument("--budget", type=float, default=None,
-                         help="seconds: start no new shape (or provider) after this; results so far are kept")
+    p_bench.add_argument("--budget", type=positive_seconds, default=None,
+                         help="seconds > 0: start no new shape (or provider; with --model: run) after this; "
+                              "results so far are kept (default: none, everything runs)")
     p_bench.add_argument("--reps", type=int, default=None,
                          help="CPU only: timed repetitions per figure (default: at least 30 and at least 0.25 s)")
     p_bench.add_argument("--time-interpreter", action="store_true",
@@ -290,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                               "about GPU speed; for debugging)")
     p_bench.add_argument("--no-model", action="store_true",
                          help="leave out the whole-model saved-bytes figure (a small Llama built from a config)")
-    p_bench.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
+    p_bench.add_argument("--compile-backend", default=None,
+                         help="torch.compile backend of the compile provider (default: inductor)")
     p_bench.add_argument("--details", action="store_true", help="also print every figure (as in bench.md)")
     p_bench.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     p_bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

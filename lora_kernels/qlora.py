@@ -27,6 +27,7 @@ gradient for the 4-bit weight (it is frozen by construction).
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
@@ -37,28 +38,49 @@ _SCRATCH: dict[tuple, torch.Tensor] = {}
 
 # torch.compile: the 4-bit entry points are not registered as torch.library custom ops (their
 # autograd Functions take a QuantizedWeight and launch Triton directly), so Dynamo must not trace them:
-# they are compiler-disabled. Under torch.compile a 4-bit layer is a graph break and runs eagerly (same
-# results); with fullgraph=True compilation fails with this reason in the error.
+# they are compiler-disabled (_eager_only). Under torch.compile a 4-bit layer is a graph break and runs
+# eagerly, with the same results, in every case. The error of fullgraph=True names COMPILE_REASON once
+# the disabled functions are built (prepare_for_compile): when torch._dynamo was already imported at
+# ``import lora_kernels``, when a QuantLinear / QLoRALinear is constructed or a PEFT Linear4bit is
+# converted, or after any eager call of a 4-bit entry point. Only a fullgraph compile of a bare
+# functional call in a process that did none of these fails with Dynamo's own message instead
+# ("function marked as skipped": torch.compiler.disable), still refusing the graph.
 COMPILE_REASON = ("lora_kernels: LoRA/DoRA on a 4-bit QuantizedWeight runs eagerly under torch.compile (a graph "
                   "break): its kernels are not registered as custom ops; fullgraph=True cannot include it")
 
+_EAGER_ONLY: list = []  # each _eager_only wrapper's builder, for prepare_for_compile
+
 
 def _eager_only(fn):
-    """``torch.compiler.disable(fn)``, built at the first call rather than at import: building it
-    imports torch._dynamo, which imports triton.language, and a CPU program that switches the Triton
-    interpreter on after ``import lora_kernels`` (the CLI) would then get compiled-mode stdlib helpers
-    (DESIGN.md §5). Dynamo traces the wrapper, builds the disabled function and breaks the graph at
-    its call, as with the decorator applied at import (tests/test_qlora_fused.py)."""
+    """``torch.compiler.disable(fn)``, built by :func:`prepare_for_compile` (or at the first call)
+    rather than at import: building it imports torch._dynamo, which imports triton.language, and a CPU
+    program that switches the Triton interpreter on after ``import lora_kernels`` (the CLI) would then
+    get compiled-mode stdlib helpers (DESIGN.md §5). Dynamo traces the wrapper and breaks the graph at
+    the disabled function's call, with COMPILE_REASON (tests/test_qlora_fused.py)."""
+
     disabled = None
 
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
+    def build():
         nonlocal disabled
         if disabled is None:
             disabled = torch.compiler.disable(fn, reason=COMPILE_REASON)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if disabled is None:
+            prepare_for_compile()  # all of them, not only this one
         return disabled(*args, **kwargs)
 
+    _EAGER_ONLY.append(build)
     return call
+
+
+def prepare_for_compile() -> None:
+    """Build the compiler-disabled 4-bit entry points now (imports torch._dynamo), so that a later
+    ``torch.compile(..., fullgraph=True)`` names COMPILE_REASON. Called by the 4-bit layers'
+    constructors and the PEFT Linear4bit conversion (a model is built before it is compiled)."""
+    for build in _EAGER_ONLY:
+        build()
 
 
 def _stream_key(device: torch.device):
@@ -69,13 +91,19 @@ def _stream_key(device: torch.device):
 
 def scratch_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A flat buffer of at least ``numel`` elements for (device, dtype, current CUDA stream), grown when
-    needed, reused."""
+    needed, reused.
+
+    Always a normal tensor, also when first needed under ``torch.inference_mode`` (it is allocated with
+    inference mode off): a normal tensor may be written in place inside inference mode, while an
+    inference tensor could never be written (or used in an autograd-recorded op) outside it, so one
+    buffer serves inference-first and training-first programs alike."""
     device = torch.device(device)
     key = (device, dtype, _stream_key(device))
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < numel:
         _SCRATCH.pop(key, None)  # free the smaller one first
-        buf = torch.empty(numel, dtype=dtype, device=device)
+        with torch.inference_mode(False):
+            buf = torch.empty(numel, dtype=dtype, device=device)
         _SCRATCH[key] = buf
     return buf[:numel]
 
@@ -305,3 +333,7 @@ def linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None =
     if impl == "fused":  # there is no Triton GEMM without an adapter: cuBLAS on the dequantised weight
         impl = "hybrid"
     return _QLinear.apply(x2d, weight, bias, impl).reshape(*x.shape[:-1], weight.shape[0])
+
+
+if "torch._dynamo" in sys.modules:  # already imported (so is triton.language): building now changes nothing
+    prepare_for_compile()

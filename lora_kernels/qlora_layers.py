@@ -45,6 +45,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         if not isinstance(qweight, QuantizedWeight):
             raise TypeError(f"qweight must be a QuantizedWeight, got {type(qweight).__name__}")
+        qlora.prepare_for_compile()  # so torch.compile(fullgraph=True) names qlora.COMPILE_REASON
         self.backend = backend
         self._set_qweight(qweight)
         if bias is not None:
@@ -179,6 +180,7 @@ class QLoRALinear(LoRALinear):
         if not is_quantized_linear(base_layer):
             raise TypeError(f"base_layer must be a lora_kernels QuantLinear or a bitsandbytes Linear4bit, got "
                             f"{type(base_layer).__name__}")
+        qlora.prepare_for_compile()  # so torch.compile(fullgraph=True) names qlora.COMPILE_REASON
         self.base_layer = base_layer
         self.fan_in_fan_out = False
         _keep_bnb_layout(base_layer)
@@ -436,14 +438,18 @@ def _peft_fused_forward(self, x, *args, **kwargs):
     from .peft.layers import dropout_p as _dropout_p
 
     if args or kwargs:
-        raise NotImplementedError(f"lora_kernels-converted PEFT layer: extra forward arguments {list(kwargs)} "
-                                  "(e.g. mixed-adapter batches) are not supported")
-    if self.disable_adapters or self.merged or not self.active_adapters:
+        raise NotImplementedError(f"lora_kernels-converted PEFT layer: extra forward arguments ({len(args)} "
+                                  f"positional, keywords {sorted(kwargs)}; e.g. adapter_names for mixed-adapter "
+                                  "batches) are not supported")
+    # the active adapters this layer has: PEFT's adapters may target different modules, so an active one
+    # can be absent here (PEFT's own forward skips it too)
+    active = [name for name in self.active_adapters if name in self.lora_A]
+    if self.disable_adapters or self.merged or not active:
         return type(self).__mro__[1].forward(self, x)
-    if len(self.active_adapters) != 1:
-        raise NotImplementedError(f"lora_kernels-converted PEFT layer: {len(self.active_adapters)} active "
-                                  "adapters; one is supported")
-    name = self.active_adapters[0]
+    if len(active) != 1:
+        raise NotImplementedError(f"lora_kernels-converted PEFT layer: {len(active)} active adapters on this "
+                                  f"layer ({active}); one is supported")
+    name = active[0]
     base = self.base_layer
     qw = from_bnb(base.weight)
     dtype = base.compute_dtype if base.compute_dtype is not None else x.dtype
@@ -472,6 +478,7 @@ def convert_peft_linear4bit(module: nn.Module, name: str, converted: list, skipp
     if reason is not None:
         skipped[name] = reason
         return
+    qlora.prepare_for_compile()  # so torch.compile(fullgraph=True) names qlora.COMPILE_REASON
     module.__class__ = Linear4bit
     converted.append(name)
 

@@ -100,8 +100,12 @@ def _leaves(case, x, lora_a, lora_b, bias, magnitude):
 def run_path(backend: str, case: LoraCase, inputs, poison: bool = True) -> dict[str, torch.Tensor]:
     """y and every gradient from ``lora_linear`` (or ``dora_linear``) on ``backend``.
 
-    With ``poison``, each gradient is copied into a NaN-filled buffer of its shape and strides, so
-    a result with elements a kernel never wrote (NaN in the kernel's output) cannot pass.
+    With ``poison``, each gradient is copied into a fresh buffer of its shape (NaN-filled, then
+    overwritten by the copy): the returned gradients own their memory and have ``empty_like``'s
+    strides. This does not poison the kernels' own output buffers; an element a kernel never wrote
+    holds whatever its ``torch.empty`` buffer held. Real output poisoning: run under
+    :func:`lora_kernels.checks.base.nan_empty` (every ``torch.empty``-family buffer starts NaN), as
+    ``lora-kernels check`` does.
     """
     x, weight, lora_a, lora_b, bias, grad_y, magnitude = inputs
     leaves = _leaves(case, x, lora_a, lora_b, bias, magnitude)

@@ -90,3 +90,31 @@ def test_bench_saved_bytes_only_on_a_custom_grid(tmp_path):
     assert all(r.shape["k"] == 64 and r.shape["n"] == 48 for r in rows)
     table = rep.markdown_table(rows)  # no timing columns, one saved-bytes column per provider
     assert "| LoRA | 64→48 | 32 | 64→48 | 4 | 0.1 | float32 | 16.5 KiB | 16.5 KiB | 0.5 KiB |" in table
+
+
+_GRID = ["bench", "--device", "cpu", "--projections", "64x48", "--tokens", "16", "--ranks", "4", "--dropouts", "0",
+         "--dtypes", "float32", "--saved-bytes-only", "--no-plots", "--no-progress", "--no-model"]
+
+
+def test_bench_refuses_providers_that_apply_to_no_shape(tmp_path, capsys):
+    """Asked-for providers that would run on none of the grid's shapes are refused up front (rc 2, no
+    output files) rather than giving an empty report with rc 0."""
+    cases = [
+        (["--providers", "qlora-torch,peft-qlora"], "qlora-torch, peft-qlora run on 4-bit shapes only"),
+        (["--providers", "torch,base", "--quant", "nf4"], "torch runs on dense shapes only"),
+        (["--providers", "unfused", "--kinds", "dora"], "unfused runs on dense LoRA shapes only"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / str(len(extra))
+        assert main(_GRID + extra + ["--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "--quant" in err, err
+        assert not out.exists()
+
+
+def test_bench_default_providers_are_those_that_apply(tmp_path):
+    """Without --providers a dense custom grid runs the dense defaults (the 4-bit ones do not apply)."""
+    assert main(_GRID + ["--out", str(tmp_path)]) == 0
+    rows, meta = rep.load_results(str(tmp_path / "bench.json"))
+    assert meta["providers"] and not set(meta["providers"]) & set(prov.QUANT_PROVIDERS)
+    assert {r.provider for r in rows} == set(meta["providers"])

@@ -143,7 +143,10 @@ def test_default_specs_cover_both_kinds_and_checkpointing():
 
 @pytest.mark.parametrize("argv, message", [
     (["bench", "--model", "nope"], "is not one of tiny"),
-    (["bench", "--model", "tiny", "--projections", "q/o"], "--projections apply to the layer bench only"),
+    (["bench", "--model", "tiny", "--projections", "q/o"], "--projections applies to the layer bench only"),
+    (["bench", "--model", "tiny", "--quant", "nf4"], "--quant applies to the layer bench only"),
+    (["bench", "--model", "tiny", "--time-interpreter", "--no-model", "--compile-backend", "eager", "--no-progress"],
+     "--time-interpreter, --no-model, --compile-backend, --no-progress apply to the layer bench only"),
     (["bench", "--model", "tiny", "--providers", "peft,unfused"], "'unfused' is not one of peft"),
     (["bench", "--model", "tiny", "--kinds", "lora,ia3"], "'ia3' is not one of lora, dora"),
     (["bench", "--model", "tiny", "--ranks", "8,16"], "give one value"),
@@ -154,6 +157,33 @@ def test_cli_refuses_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["bench", "--model", "tiny", "--budget", "0"], ["bench", "--budget", "0"],
+                                  ["bench", "--budget", "-3"]])
+def test_bench_refuses_a_zero_budget(argv, capsys):
+    """bench --budget 0 would mean "no budget" (layer bench) or "run nothing" (model bench): refused."""
+    with pytest.raises(SystemExit) as exc:
+        cli_main(argv)
+    assert exc.value.code == 2
+    assert "give seconds > 0 (leave --budget out for no budget)" in capsys.readouterr().err
+
+
 def test_module_main_refuses_bad_checkpointing(capsys):
     assert mb.main(["--checkpointing", "maybe"]) == 2
     assert "--checkpointing: 'maybe'" in capsys.readouterr().err
+
+
+def test_cpu_run_on_a_cuda_machine_is_reported_as_cpu(monkeypatch):
+    """--device cpu where CUDA is available: the model report's hardware line, columns and note say CPU."""
+    for optional in ("peft", "bitsandbytes"):  # imported before CUDA is mocked (bitsandbytes would load its CUDA ops)
+        try:
+            __import__(optional)
+        except Exception:
+            pass
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200 (mocked)")
+    results, meta = mb.run_model_bench(MICRO, [mb.RunSpec("lora", 0.0, False)], engines=["inject"], device="cpu",
+                                       rank=4, alpha=8.0, steps=1, warmup=0, log=lambda s: None)
+    assert (meta["device"], meta["gpu"]) == ("cpu", None)
+    text = report.summary_text(results, meta)
+    assert "(mocked)" not in text and "CUDA" not in text
+    assert "# CPU " in text and "CPU timings" in text

@@ -118,3 +118,42 @@ def test_autocast_and_float64():
     y64 = lk.lora_linear(x.double(), qw, a.double(), b.double(), 0.5)
     ref = lk.lora_linear_ref(x.double(), dequantize(qw, torch.float64), a.double(), b.double(), 0.5)
     torch.testing.assert_close(y64, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("hybrid", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("inference_first", [True, False])
+def test_scratch_buffer_serves_inference_mode_and_training_in_either_order(backend, inference_first, request):
+    """The shared scratch buffer is a normal tensor even when first allocated under torch.inference_mode:
+    a later training (or no_grad) call writes it in place, and an inference-mode call after training
+    reuses the training-made buffer. Both give the reference's results."""
+    from lora_kernels import qlora
+
+    device = request.getfixturevalue("kernel_device") if backend != "torch" else "cpu"
+    torch.manual_seed(0)
+    qw = quantize(torch.randn(40, 64), "nf4", 64).to(device)
+    dense = dequantize(qw.to("cpu"), torch.float32).double()
+    a = torch.randn(4, 64, device=device, requires_grad=True)
+    b = torch.randn(40, 4, device=device, requires_grad=True)
+    x = torch.randn(3, 64, device=device)
+    expect = (x.cpu().double() @ dense.T + 2.0 * (x.cpu().double() @ a.detach().cpu().double().T)
+              @ b.detach().cpu().double().T)
+    tol = TOLERANCES[torch.float32]
+
+    def inference():
+        with torch.inference_mode():
+            y = lk.lora_linear(x, qw, a, b, 2.0, backend=backend)
+        assert rel_error(y.cpu(), expect) <= tol
+
+    def training():
+        y = lk.lora_linear(x, qw, a, b, 2.0, backend=backend)
+        y.sum().backward()
+        assert rel_error(y.detach().cpu(), expect) <= tol
+        with torch.no_grad():
+            assert rel_error(lk.lora_linear(x, qw, a, b, 2.0, backend=backend).cpu(), expect) <= tol
+
+    qlora.release_scratch()
+    try:
+        for step in ((inference, training, inference) if inference_first else (training, inference, training)):
+            step()
+    finally:
+        qlora.release_scratch()

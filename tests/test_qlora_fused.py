@@ -235,3 +235,49 @@ def test_64bit_index_path(monkeypatch, kernel_device):
         assert torch.equal(before[key], after[key]), key
     out = torch.empty(q_inputs[1].shape, dtype=torch.bfloat16, device=kernel_device)
     assert torch.equal(dequant.dequant_4bit(q_inputs[1], out), dense_inputs[1])
+
+
+_FRESH_PRELUDE = (
+    "import sys, torch\n"
+    "{before}\n"
+    "import lora_kernels as lk\n"
+    "from lora_kernels import qlora\n"
+    "from lora_kernels.quant import quantize\n"
+    "torch.manual_seed(0)\n"
+    "qw = quantize(torch.randn(40, 64), 'nf4', 64)\n"
+    "a = torch.randn(4, 64, requires_grad=True); b = torch.randn(40, 4, requires_grad=True)\n"
+    "x = torch.randn(3, 64)\n"
+    "f = lambda x: lk.lora_linear(x, qw, a, b, 2.0, backend='torch').relu()\n"
+    "{setup}\n"
+    "try:\n"
+    "    torch.compile(f, fullgraph=True, backend='eager')(x)\n"
+    "    print('NO ERROR')\n"
+    "except Exception as e:\n"
+    "    print('NAMED' if qlora.COMPILE_REASON in str(e) else 'UNNAMED')\n"
+    "torch._dynamo.reset()\n"
+    "assert torch.equal(torch.compile(f, backend='eager')(x), f(x))\n"
+)
+
+
+@pytest.mark.parametrize("before,setup,expect", [
+    ("", "", "UNNAMED"),  # documented: a bare functional call compiled first, nothing built yet
+    ("import torch._dynamo", "", "NAMED"),
+    ("", "lk.qlora_layers.QuantLinear(qw)", "NAMED"),
+    ("", "lk.qlora_layers.QLoRALinear(lk.qlora_layers.QuantLinear(qw), 4, 8.0)", "NAMED"),
+    ("", "lk.lora_linear(x, qw, a, b, 2.0, backend='torch')", "NAMED"),
+    ("", "lk.qlora.linear(x, qw)", "NAMED"),  # an eager call of another entry point builds them all
+])
+def test_fullgraph_error_names_the_reason_in_a_fresh_process(before, setup, expect):
+    """Exactly the orders docs/qlora.md states: fullgraph=True names COMPILE_REASON once torch._dynamo
+    was imported before lora_kernels, a 4-bit layer was constructed, or any 4-bit entry point ran
+    eagerly; a bare functional call compiled first fails with Dynamo's own message. Fullgraph=False is
+    right in every case. Fresh processes (the disabled functions are built once per process)."""
+    import os
+    import subprocess
+    import sys
+
+    code = _FRESH_PRELUDE.format(before=before, setup=setup)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == expect, r.stdout

@@ -193,3 +193,95 @@ def test_converted_peft_qlora_layer_pickles_and_deepcopies():
         torch.testing.assert_close(logits(other, ids), ref, rtol=0, atol=0)
     unconvert(peft_model)
     assert type(peft_model.base_model.model.model.layers[0].self_attn.q_proj) is Converted.__mro__[1]
+
+
+def test_converted_linear4bit_names_the_compile_reason_in_a_fresh_process():
+    """Converting a PEFT lora.bnb.Linear4bit builds the compiler-disabled 4-bit entry points
+    (docs/qlora.md), so a fullgraph compile of the converted model names qlora.COMPILE_REASON even with
+    no eager call before it. Fresh process: once built, they stay built."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        # lora_kernels first: importing peft / bitsandbytes imports torch._dynamo, which would make the
+        # import of lora_kernels build them (the conversion is what is tested here)
+        "import sys, logging, torch\n"
+        "from lora_kernels import qlora\n"
+        "from lora_kernels.peft import convert\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+        "import peft, bitsandbytes as bnb\n"
+        "logging.getLogger('bitsandbytes').setLevel(logging.ERROR)\n"
+        "torch.manual_seed(0)\n"
+        "class M(torch.nn.Module):\n"
+        "    is_loaded_in_4bit = True\n"
+        "    def __init__(s):\n"
+        "        super().__init__()\n"
+        "        s.p = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type='nf4')\n"
+        "        s.p.weight = bnb.nn.Params4bit(torch.randn(64, 64) * 0.1, requires_grad=False, quant_type='nf4').to('cpu')\n"
+        "    def forward(s, x): return s.p(x).relu()\n"
+        "m = peft.get_peft_model(M(), peft.LoraConfig(r=4, target_modules=['p']))\n"
+        "converted, skipped = convert(m)\n"
+        "assert converted and not skipped, (converted, skipped)\n"
+        "x = torch.randn(3, 64)\n"
+        "try:\n"
+        "    torch.compile(m, fullgraph=True, backend='eager')(x)\n"
+        "    print('NO ERROR')\n"
+        "except Exception as e:\n"
+        "    print('NAMED' if qlora.COMPILE_REASON in str(e) else 'UNNAMED')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "NAMED", r.stdout + r.stderr[-2000:]
+
+
+def _two_layer_peft_model():
+    """PEFT on two bitsandbytes Linear4bit layers p1, p2: adapter 'default' on p1 only, 'other' on p2 only."""
+    torch.manual_seed(0)
+
+    def lin():
+        layer = bnb.nn.Linear4bit(64, 64, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(torch.randn(64, 64) * 0.1, requires_grad=False, quant_type="nf4").to("cpu")
+        return layer
+
+    class M(nn.Module):
+        is_loaded_in_4bit = True
+
+        def __init__(self):
+            super().__init__()
+            self.p1, self.p2 = lin(), lin()
+
+        def forward(self, x):
+            return self.p2(self.p1(x))
+
+    m = peft.get_peft_model(M(), peft.LoraConfig(r=4, target_modules=["p1"]))
+    m.add_adapter("other", peft.LoraConfig(r=4, target_modules=["p2"]))
+    with torch.no_grad():  # B away from its zero init, so each adapter changes the output
+        for module in m.modules():
+            if isinstance(module, nn.Linear) and module.weight.shape == (64, 4):
+                module.weight.normal_(0, 0.5)
+    return m
+
+
+@pytest.mark.parametrize("active", ["default", "other"])
+def test_converted_linear4bit_with_an_active_adapter_absent_from_the_layer(active):
+    """Adapters targeting different modules: the layer without the active adapter returns its base output
+    (as PEFT's forward does), the layer with it runs lora_kernels; the model's output equals PEFT's."""
+    m = _two_layer_peft_model()
+    m.set_adapter(active)
+    x = torch.randn(3, 64)
+    ref = m(x)
+    with m.disable_adapter():
+        assert (m(x) - ref).abs().max() > 1e-2  # the active adapter matters
+    converted, skipped = convert(m)
+    assert len(converted) == 2 and not skipped, (converted, skipped)
+    torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_converted_linear4bit_names_extra_forward_arguments():
+    m = _two_layer_peft_model()
+    convert(m)
+    layer = m.base_model.model.p1
+    with pytest.raises(NotImplementedError, match=r"1 positional, keywords \['scale'\]"):
+        layer(torch.randn(3, 64), 5, scale=2.0)

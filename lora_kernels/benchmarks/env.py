@@ -30,9 +30,16 @@ def cpu_name() -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-def env_info() -> dict:
-    """Hardware, versions, git commit and date, for the JSON and the table headers."""
+def env_info(device: str | torch.device | None = None) -> dict:
+    """Hardware, versions, git commit and date, for the JSON and the table headers. ``device`` is the
+    device the run used (None: CUDA when available, else the CPU): ``device`` / ``gpu`` describe it, so a
+    CPU run on a machine with a GPU is labelled CPU (``gpu`` None)."""
     from .. import __version__
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    on_gpu = device.type == "cuda" and torch.cuda.is_available()
 
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -41,8 +48,8 @@ def env_info() -> dict:
         "triton": triton_version(),
         "lora_kernels": __version__,
         "cuda_runtime": torch.version.cuda,
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "device": device.type,
+        "gpu": torch.cuda.get_device_name(device) if on_gpu else None,
         "cpu": cpu_name(),
         "triton_interpreter": is_interpreter(),
     }

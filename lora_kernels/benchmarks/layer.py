@@ -145,7 +145,7 @@ def run_bench(shapes: list[Shape], providers, device: str, modes=MODES, *, out_d
     each shape, then bench.md and the plots. ``untimed`` providers are validated and their bytes
     measured, not timed; ``model_bench`` adds the whole-model saved bytes (:func:`model_saved_bytes`).
     Returns (rows, meta, files written)."""
-    meta = {**env_info(), "providers": list(providers), "modes": list(modes), "compile_backend": compile_backend,
+    meta = {**env_info(device), "providers": list(providers), "modes": list(modes), "compile_backend": compile_backend,
             "shapes_total": len(shapes), **(meta_extra or {})}
     if device != "cuda":
         meta["note"] = CPU_NOTE

@@ -514,7 +514,7 @@ def run_model_bench(preset: ModelPreset, specs: list[RunSpec], *, engines=DEFAUL
         results += spec_results
     from .env import env_info
 
-    meta = env_info()
+    meta = env_info(device)
     meta.update(preset=asdict(preset), dtype=dtype, rank=rank, alpha=alpha, seq=seq, batch=batch, tokens=batch * seq,
                 warmup_steps=warmup, timed_steps=steps, lr=lr, seed=seed, engines=list(engines),
                 targets=list(PROJECTIONS), loss_checks=verdicts, elapsed_s=round(time.time() - t_start, 1))
@@ -599,13 +599,17 @@ def run_from_bench_args(args) -> int:
     """``lora-kernels bench --model NAME``: the bench options that mean something for a model run are
     passed on (--device --out --kinds --dropouts --providers as engines --dtypes --ranks --tokens as
     sequence length --reps as timed steps --budget --no-plots --allow-large-on-cpu); the layer-only
-    ones are refused. Checkpointing and warm-up: ``python -m lora_kernels.benchmarks.model``."""
+    ones (--projections --modes --preset --quick --saved-bytes-only --details --quant --time-interpreter
+    --no-model --compile-backend --no-progress) are refused, never silently dropped. Checkpointing and warm-up: ``python -m lora_kernels.benchmarks.model``."""
     layer_only = {"--projections": args.projections, "--modes": args.modes, "--preset": args.preset,
                   "--quick": args.quick or None, "--saved-bytes-only": args.saved_bytes_only or None,
-                  "--details": args.details or None}
+                  "--details": args.details or None, "--quant": args.quant,
+                  "--time-interpreter": args.time_interpreter or None, "--no-model": args.no_model or None,
+                  "--compile-backend": args.compile_backend, "--no-progress": args.no_progress or None}
     given = [k for k, v in layer_only.items() if v]
     if given:
-        print(f"lora-kernels bench --model: {', '.join(given)} apply to the layer bench only", file=sys.stderr)
+        print(f"lora-kernels bench --model: {', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to the "
+              "layer bench only", file=sys.stderr)
         return 2
     try:
         dtypes = _csv(args.dtypes)
@@ -625,6 +629,12 @@ def run_from_bench_args(args) -> int:
                allow_large_on_cpu=args.allow_large_on_cpu, argv=getattr(args, "argv", None))
 
 
+def _positive_seconds(text: str) -> float:
+    from ..cli import positive_seconds
+
+    return positive_seconds(text)
+
+
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="python -m lora_kernels.benchmarks.model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -640,7 +650,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 3 on CUDA, 1 on CPU)")
-    p.add_argument("--budget", type=float, default=None, help="seconds: start no new run after this")
+    p.add_argument("--budget", type=_positive_seconds, default=None,
+                   help="seconds > 0: start no new run after this (default: none)")
     p.add_argument("--out", default="bench_out", help="output folder (default ./bench_out)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--allow-large-on-cpu", action="store_true")

@@ -150,19 +150,47 @@ def peft_one_layer(model: torch.nn.Module, shape, scale: float, p: float, x, a, 
     return model, layer, params
 
 
+def applies(provider: str, shape: Shape) -> bool:
+    """Whether ``provider`` runs on ``shape``: not ``unfused`` for DoRA, not a 4-bit provider on a dense
+    shape, not a dense LoRA provider other than ``base`` on a 4-bit shape."""
+    if provider in QUANT_PROVIDERS:
+        return bool(shape.quant)
+    if shape.quant and provider != "base":
+        return False
+    return not (provider == "unfused" and shape.dora)
+
+
+def not_applicable(providers, shapes) -> str | None:
+    """Why some of ``providers`` would run on none of ``shapes`` (a bench request that would silently
+    measure nothing for them), or None when each applies to at least one shape."""
+    idle = [p for p in providers if not any(applies(p, s) for s in shapes)]
+    if not idle:
+        return None
+    quant = [p for p in idle if p in QUANT_PROVIDERS]
+    dense = [p for p in idle if p not in QUANT_PROVIDERS and p != "unfused"]
+    why = []
+    if quant:
+        why.append(f"{', '.join(quant)} {'runs' if len(quant) == 1 else 'run'} on 4-bit shapes only and the grid has none (add --quant nf4 or "
+                   "--quant none,nf4)")
+    if dense:
+        why.append(f"{', '.join(dense)} {'runs' if len(dense) == 1 else 'run'} on dense shapes only and the grid has only 4-bit ones (add none to "
+                   "--quant, e.g. --quant none,nf4)")
+    if "unfused" in idle:
+        why.append("unfused runs on dense LoRA shapes only and the grid has none (it has no DoRA or 4-bit "
+                   "version; add --kinds lora, or none to --quant)")
+    return "--providers: " + "; ".join(why)
+
+
 def provider_fn(provider: str, shape: Shape, problem, scale: float = SCALE,
                 compile_backend: str = "inductor") -> Provider | None:
-    """The provider's callable for ``shape``; None when it does not apply (``unfused`` for DoRA, a
-    4-bit provider on a dense shape, a dense LoRA provider other than ``base`` on a 4-bit shape);
+    """The provider's callable for ``shape``; None when it does not apply (:func:`applies`);
     raises :class:`Unavailable` when it cannot run here."""
+    if not applies(provider, shape):
+        return None
     if provider in QUANT_PROVIDERS:
-        if not shape.quant:
-            return None
         from .quant_providers import quant_provider_fn
 
         return quant_provider_fn(provider, shape, problem, scale)
-    if shape.quant and provider != "base":
-        return None
     x, w, bias, a, b, _, mag = problem
     p = shape.dropout_p
     dora_names = ["dx", "dA", "dB", "dm"] if shape.dora else ["dx", "dA", "dB"]
@@ -170,9 +198,6 @@ def provider_fn(provider: str, shape: Shape, problem, scale: float = SCALE,
     if provider == "base":
         return Provider(lambda: F.linear(x, w, bias), [x], ["dx"])
     if provider == "unfused":
-        if shape.dora:
-            return None
-
         def unfused():
             y = F.linear(x, w, bias)
             xd = F.dropout(x, p, training=True) if p > 0 else x
