@@ -232,13 +232,14 @@ def test_dx_needs_only_the_members_that_got_a_gradient():
     assert al2[0].grad is not None and bl2[1].grad is not None
 
 
-def test_torch_compile_matches_eager():
-    """The op is a torch.library custom op pair: torch.compile (aot_eager) traces it as one node."""
-    inputs = make_group(24, (8, 12), (2, 3), torch.float32, (True, False), lead=(10,))
+def _compiled_equals_eager(backend, device, bias_members):
+    """grouped_lora is a torch.library custom op pair: torch.compile (aot_eager, fullgraph) traces it
+    as one node, and the compiled step equals the eager one, loss and every gradient."""
+    inputs = make_group(32, (8, 12), (2, 3), torch.float32, bias_members, device=device, lead=(20,))
     x, ws, bs, a_s, b_s, grads = inputs
 
     def step(x, bs, a_s, b_s):
-        ys = grouped_lora(x, ws, bs, a_s, b_s, [1.0, 2.0], 0.3, [3, 4], backend="torch")
+        ys = grouped_lora(x, ws, bs, a_s, b_s, [1.0, 2.0], 0.3, [3, 4], backend=backend)
         return sum((y * g).sum() for y, g in zip(ys, grads))
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
@@ -249,6 +250,10 @@ def test_torch_compile_matches_eager():
         results.append([loss.detach()] + list(torch.autograd.grad(loss, flat(xl, bl, al, bbl))))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_matches_eager():
+    _compiled_equals_eager("torch", "cpu", (True, False))
 
 
 def _args(n=2, k=16, ranks=(2, 3), dtype=torch.float32):
@@ -354,21 +359,7 @@ def test_saved_for_backward_is_x_once_u_and_seeds_never_a_mask(backend):
 
 @needs_triton
 def test_torch_compile_with_the_kernel_path():
-    inputs = make_group(32, (8, 12), (2, 3), torch.float32, (False, True), device=KERNEL_DEVICE, lead=(20,))
-    x, ws, bs, a_s, b_s, grads = inputs
-
-    def step(x, bs, a_s, b_s):
-        ys = grouped_lora(x, ws, bs, a_s, b_s, [1.0, 2.0], 0.3, [3, 4], backend="triton")
-        return sum((y * g).sum() for y, g in zip(ys, grads))
-
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    results = []
-    for fn in (step, compiled):
-        xl, bl, al, bbl = leaves(x, bs, a_s, b_s)
-        loss = fn(xl, bl, al, bbl)
-        results.append([loss.detach()] + list(torch.autograd.grad(loss, flat(xl, bl, al, bbl))))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    _compiled_equals_eager("triton", KERNEL_DEVICE, (False, True))
 
 
 def test_modeled_saving_of_llama3_8b_groups():
