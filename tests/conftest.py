@@ -40,3 +40,14 @@ def kernel_device():
     if not HAS_TRITON:
         pytest.fail("the kernel tests need Triton (pip install triton)")
     return KERNEL_DEVICE
+
+
+def mock_cuda_available(monkeypatch):
+    """A machine with a GPU, as far as the environment labels are concerned (bench report tests)."""
+    for optional in ("peft", "bitsandbytes"):  # imported before CUDA is mocked (bitsandbytes would load its CUDA ops)
+        try:
+            __import__(optional)
+        except Exception:
+            pass
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200 (mocked)")

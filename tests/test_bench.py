@@ -14,6 +14,7 @@ from lora_kernels.benchmarks.layer import run_shape
 from lora_kernels.benchmarks.report import markdown_table
 from lora_kernels.benchmarks.rows import Row
 from lora_kernels.benchmarks.shapes import Shape
+from tests.conftest import mock_cuda_available
 
 
 def test_bench_rows_and_saved_bytes_on_cpu():
@@ -307,21 +308,10 @@ def test_quant_shapes_and_4bit_ratios():
     assert line.startswith("| LoRA nf4 | p |") and "| 1.5× (qlora-torch) |" in line
 
 
-def _mock_cuda_available(monkeypatch):
-    """A machine with a GPU, as far as the environment labels are concerned."""
-    for optional in ("peft", "bitsandbytes"):  # imported before CUDA is mocked (bitsandbytes would load its CUDA ops)
-        try:
-            __import__(optional)
-        except Exception:
-            pass
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200 (mocked)")
-
-
 def test_env_labels_the_device_the_run_used(monkeypatch):
     from lora_kernels.benchmarks.env import env_info
 
-    _mock_cuda_available(monkeypatch)
+    mock_cuda_available(monkeypatch)
     monkeypatch.setattr("subprocess.run", lambda *a, **k: type("R", (), {"stdout": "", "returncode": 1})())
     cpu, gpu = env_info("cpu"), env_info("cuda")
     assert (cpu["device"], cpu["gpu"]) == ("cpu", None)
@@ -330,7 +320,7 @@ def test_env_labels_the_device_the_run_used(monkeypatch):
 
 def test_cpu_run_on_a_cuda_machine_is_reported_as_cpu(monkeypatch):
     """--device cpu where CUDA is available: meta, the report header and the plots' label say CPU."""
-    _mock_cuda_available(monkeypatch)
+    mock_cuda_available(monkeypatch)
     shape = Shape("t", 16, 64, 48, 4, 0.0, "float32")
     rows, meta, _ = layer.run_bench([shape], ["base", "torch"], "cpu", ["fwdbwd"], progress=False, plots=False,
                                     timer=measure.make_timer("cpu", cpu_reps=3), log=lambda *a: None)

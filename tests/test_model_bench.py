@@ -10,6 +10,7 @@ from torch import nn
 from lora_kernels.benchmarks import model as mb
 from lora_kernels.benchmarks import model_report as report
 from lora_kernels.cli import main as cli_main
+from tests.conftest import mock_cuda_available
 
 MICRO = mb.ModelPreset("micro", hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, vocab=96, batch=2,
                        seq=16, note="test-sized Llama")
@@ -174,13 +175,7 @@ def test_module_main_refuses_bad_checkpointing(capsys):
 
 def test_cpu_run_on_a_cuda_machine_is_reported_as_cpu(monkeypatch):
     """--device cpu where CUDA is available: the model report's hardware line, columns and note say CPU."""
-    for optional in ("peft", "bitsandbytes"):  # imported before CUDA is mocked (bitsandbytes would load its CUDA ops)
-        try:
-            __import__(optional)
-        except Exception:
-            pass
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200 (mocked)")
+    mock_cuda_available(monkeypatch)
     results, meta = mb.run_model_bench(MICRO, [mb.RunSpec("lora", 0.0, False)], engines=["inject"], device="cpu",
                                        rank=4, alpha=8.0, steps=1, warmup=0, log=lambda s: None)
     assert (meta["device"], meta["gpu"]) == ("cpu", None)
