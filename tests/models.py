@@ -50,3 +50,19 @@ def randomize_adapters(model, seed=3, std=0.2):
                 a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g) * std)
                 if a.lora_magnitude is not None:
                     a.lora_magnitude.mul_(1 + 0.2 * torch.rand(a.lora_magnitude.shape, generator=g))
+
+
+class SeededDropout(torch.nn.Module):
+    """PEFT-side stand-in for nn.Dropout drawing its seed as lora_kernels does (torch's generator), so
+    both sides use identical masks when run after the same torch.manual_seed."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        from lora_kernels.dropout import apply_dropout, draw_seed
+
+        if not self.training:
+            return x
+        return apply_dropout(x.reshape(-1, x.shape[-1]), draw_seed(), self.p).reshape(x.shape)

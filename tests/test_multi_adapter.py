@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 import lora_kernels as lk
-from lora_kernels.dropout import draw_seed
 from lora_kernels.functional import dora_linear, lora_linear
 from lora_kernels.multi import AdapterSpec, multi_adapter_linear, set_active_adapters
 from lora_kernels.multi import functional as multi_functional
@@ -18,7 +17,7 @@ from lora_kernels.multi.plan import mixed_batch_plan
 from lora_kernels.multi.reference import active_adapters_ref, mixed_batch_ref
 from lora_kernels.testing import TOLERANCES, rel_error
 
-from .models import randomize_adapters, tiny_llama, tokens
+from .models import SeededDropout, randomize_adapters, tiny_llama, tokens
 
 
 def _specs(n_out, k, ranks, dora=(), dropout=0.0, dtype=torch.float32, seed=0):
@@ -467,21 +466,6 @@ class _Tiny(nn.Module):
         return self.lin1(torch.relu(self.lin0(x)))
 
 
-class _SeededDropout(nn.Module):
-    """PEFT-side dropout drawing its seed as lora_kernels does, so both sides use the same masks."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        from lora_kernels.dropout import apply_dropout
-        if not self.training:
-            return x
-        x2d = x.reshape(-1, x.shape[-1])
-        return apply_dropout(x2d, draw_seed(), self.p).reshape(x.shape)
-
-
 def _peft_and_ours(dropout):
     torch.manual_seed(0)
     base = _Tiny()
@@ -508,7 +492,7 @@ def _peft_and_ours(dropout):
                 if a.use_dora:
                     a.lora_magnitude.copy_(theirs.lora_magnitude_vector[name].weight)
                 if dropout:
-                    theirs.lora_dropout[name] = _SeededDropout(dropout)
+                    theirs.lora_dropout[name] = SeededDropout(dropout)
     lk.set_adapter(ours, ["first", "second", "third"])
     return peft_model, ours
 

@@ -9,10 +9,9 @@ import torch
 from torch import nn
 
 import lora_kernels as lk
-from lora_kernels.dropout import apply_dropout, draw_seed
 from lora_kernels.peft import convert
 
-from .models import logits, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, tokens
+from .models import SeededDropout, logits, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, tokens
 
 peft = pytest.importorskip("peft")
 
@@ -70,31 +69,18 @@ def test_peft_saved_loads_in_ours(build, use_dora, tmp_path):
     torch.testing.assert_close(logits(ours, ids), expected, rtol=1e-5, atol=1e-5)
 
 
-class _SeededDropout(nn.Module):
-    """PEFT-side stand-in for nn.Dropout drawing its seed like lora_kernels does (torch's generator),
-    so both sides use identical masks when run after the same torch.manual_seed."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training:
-            return x
-        return apply_dropout(x.reshape(-1, x.shape[-1]), draw_seed(), self.p).reshape(x.shape)
+def _set_peft_dropout(peft_model, make):
+    for module in peft_model.modules():
+        if hasattr(module, "lora_dropout"):
+            for name in list(module.lora_dropout):
+                module.lora_dropout[name] = make()
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_convert_matches_peft_outputs_and_gradients(p, use_dora):
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], lora_dropout=p,
-                          init_lora_weights=False, use_dora=use_dora)
-    peft_model = peft.get_peft_model(tiny_llama(), cfg)
+def assert_convert_matches_peft(peft_model, p: float, converted_layers: int = 6) -> None:
+    """``lk.peft.convert`` of ``peft_model`` gives PEFT's logits and every trainable gradient; at p > 0
+    PEFT runs with :class:`SeededDropout` (our mask) for the reference."""
     if p > 0:
-        for module in peft_model.modules():
-            if hasattr(module, "lora_dropout"):
-                for name in list(module.lora_dropout):
-                    module.lora_dropout[name] = _SeededDropout(p)
+        _set_peft_dropout(peft_model, lambda: SeededDropout(p))
     peft_model.train()
     ids = tokens()
 
@@ -106,16 +92,21 @@ def test_convert_matches_peft_outputs_and_gradients(p, use_dora):
 
     ref_logits, ref_grads = run()
     if p > 0:  # our converted forward reads p from an nn.Dropout: put PEFT's kind back
-        for module in peft_model.modules():
-            if hasattr(module, "lora_dropout"):
-                for name in list(module.lora_dropout):
-                    module.lora_dropout[name] = nn.Dropout(p)
+        _set_peft_dropout(peft_model, lambda: nn.Dropout(p))
     converted, skipped = convert(peft_model)
-    assert len(converted) == 6 and not skipped
+    assert len(converted) == converted_layers and not skipped
     got_logits, got_grads = run()
     torch.testing.assert_close(got_logits, ref_logits, rtol=1e-5, atol=1e-5)
     for g_ours, g_ref in zip(got_grads, ref_grads):
         torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_convert_matches_peft_outputs_and_gradients(p, use_dora):
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], lora_dropout=p,
+                          init_lora_weights=False, use_dora=use_dora)
+    assert_convert_matches_peft(peft.get_peft_model(tiny_llama(), cfg), p)
 
 
 def test_converted_model_still_saves_with_peft(tmp_path):

@@ -12,6 +12,7 @@ from torch import nn
 import lora_kernels as lk
 from lora_kernels.dropout import dropout_mask
 from lora_kernels.peft import convert, unconvert
+from .models import SeededDropout
 
 peft = pytest.importorskip("peft")
 from peft.tuners import lora as peft_lora  # noqa: E402
@@ -198,7 +199,7 @@ def test_dora_with_a_trainable_base_weight_matches_peft(p):
         for mod in ref.modules():
             if isinstance(mod, peft_lora.LoraLayer):
                 for name in list(mod.lora_dropout):
-                    mod.lora_dropout[name] = _SeededDropout(p)
+                    mod.lora_dropout[name] = SeededDropout(p)
     torch.manual_seed(11)
     y_ref, g_ref = _grads(ref)
     torch.manual_seed(11)
@@ -208,21 +209,6 @@ def test_dora_with_a_trainable_base_weight_matches_peft(p):
     assert sum(n.endswith("base_layer.weight") for n in names) == 2
     for n, a, b in zip(names, g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)
-
-
-class _SeededDropout(nn.Module):
-    """nn.Dropout stand-in drawing its mask like lora_kernels does (seed from torch's generator)."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training:
-            return x
-        from lora_kernels.dropout import apply_dropout, draw_seed
-
-        return apply_dropout(x.reshape(-1, x.shape[-1]), draw_seed(), self.p).reshape(x.shape)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])

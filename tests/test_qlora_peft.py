@@ -14,7 +14,7 @@ from lora_kernels.peft import convert, unconvert
 from lora_kernels.qlora_layers import QLoRALinear, QuantLinear
 
 from .models import logits, randomize_adapters, tokens
-from .test_peft_compat import _SeededDropout
+from .test_peft_compat import assert_convert_matches_peft
 
 bnb = pytest.importorskip("bitsandbytes", reason="optional extra: pip install bitsandbytes (lora-kernels[qlora])")
 peft = pytest.importorskip("peft")
@@ -73,32 +73,7 @@ def test_convert_peft_qlora_matches_outputs_and_gradients(p, use_dora):
     peft_model = peft.get_peft_model(theirs, cfg)
     layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
     assert type(layer).__module__.startswith("peft.tuners.lora.bnb")
-    if p > 0:
-        for module in peft_model.modules():
-            if hasattr(module, "lora_dropout"):
-                for name in list(module.lora_dropout):
-                    module.lora_dropout[name] = _SeededDropout(p)
-    peft_model.train()
-    ids = tokens()
-
-    def run():
-        torch.manual_seed(1234)
-        out = peft_model(input_ids=ids, labels=ids)
-        params = [q for q in peft_model.parameters() if q.requires_grad]
-        return out.logits.detach(), torch.autograd.grad(out.loss, params)
-
-    ref_logits, ref_grads = run()
-    if p > 0:
-        for module in peft_model.modules():
-            if hasattr(module, "lora_dropout"):
-                for name in list(module.lora_dropout):
-                    module.lora_dropout[name] = nn.Dropout(p)
-    converted, skipped = convert(peft_model)
-    assert len(converted) == 6 and not skipped
-    got_logits, got_grads = run()
-    torch.testing.assert_close(got_logits, ref_logits, rtol=1e-5, atol=1e-5)
-    for g_ours, g_ref in zip(got_grads, ref_grads):
-        torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)
+    assert_convert_matches_peft(peft_model, p)
     unconvert(peft_model)
     assert not getattr(type(layer), "_lora_kernels_fused", False)
 
